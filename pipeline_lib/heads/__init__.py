@@ -1,0 +1,30 @@
+"""Linear heads on frozen features, by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline_lib.heads.dp_ls import DPLeastSquares
+from pipeline_lib.heads.nonprivate import NonPrivateLogistic, NonPrivateRidge
+
+HEADS = {cls.name: cls for cls in (DPLeastSquares, NonPrivateRidge, NonPrivateLogistic)}
+# Heads fitted from cached sufficient statistics (X^T X, X^T Y); the others stream the store.
+STATS_HEADS = ("dp_ls", "nonprivate_ridge")
+
+
+def make_head(method: str, hyperparameters: dict | None = None, *, where: str = "head"):
+    """Build a head config; unknown methods or keys are errors naming what is allowed."""
+    if method not in HEADS:
+        raise ValueError(f"{where}: unknown method {method!r}; known methods: {sorted(HEADS)}")
+    cls = HEADS[method]
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "noise_multiplier"]
+    params = dict(hyperparameters or {})
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown hyperparameter(s) {unknown} for method {method!r}; allowed: {allowed}"
+        )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc

@@ -1,0 +1,36 @@
+"""Gaussian noise with one PRNG key per (run seed, release, class, step).
+
+The public reference implementation read a single key inside a vmapped
+function and so added the *same* noise to every class, and (after the first
+trace) at every step. Here each draw's key is derived by folding the release
+name, the class index and the step into the run's key, outside any traced
+function, so two draws never share a key unless all four coordinates agree.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+
+def release_key(seed: int, release: str, *, index: int = 0, step: int = 0) -> jax.Array:
+    """The key for one noise draw: fold_in(seed) <- crc32(release) <- index <- step."""
+    key = jax.random.key(int(seed))
+    key = jax.random.fold_in(key, zlib.crc32(release.encode()) & 0x7FFFFFFF)
+    key = jax.random.fold_in(key, int(index))
+    return jax.random.fold_in(key, int(step))
+
+
+def gaussian(seed: int, release: str, shape, stddev: float, *, index: int = 0, step: int = 0):
+    """N(0, stddev^2) noise of `shape` (float64 numpy-compatible jax array)."""
+    key = release_key(seed, release, index=index, step=step)
+    return stddev * jax.random.normal(key, shape, jnp.float32)
+
+
+def gaussian_per_class(seed: int, release: str, num_classes: int, dim: int, stddev: float,
+                       *, step: int = 0):
+    """(num_classes, dim) noise whose row k is drawn with its own key (class index k)."""
+    keys = jnp.stack([release_key(seed, release, index=k, step=step) for k in range(num_classes)])
+    return stddev * jax.vmap(lambda k: jax.random.normal(k, (dim,), jnp.float32))(keys)

@@ -1,0 +1,42 @@
+# Stage 2: sufficient statistics (cached, never released) and private/non-private heads.
+
+
+rule compute_stats:
+    input:
+        train=f"{R}/features/{{dataset}}/{{backbone}}/{{image_size}}px/train.zarr",
+    output:
+        stats=f"{R}/stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}.npz",
+    log:
+        f"{R}/logs/compute_stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}.log",
+    params:
+        l2_clip_norm=lambda w: float(w.clip),
+        transform=lambda w: w.transform,
+    resources:
+        mem_mb=4000,
+    message:
+        "Streaming X^T X and X^T Y of {wildcards.dataset}/{wildcards.backbone} (not released)"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/compute_stats.py"
+
+
+rule fit_head:
+    input:
+        unpack(lambda w: xp.run_inputs(config, run_spec(w))),
+    output:
+        metrics=f"{R}/runs/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}/metrics.json",
+        head=f"{R}/runs/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}/head.npz",
+    log:
+        f"{R}/logs/fit_head/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}.log",
+    params:
+        spec=run_spec,
+    resources:
+        mem_mb=4000,
+    message:
+        "Fitting {wildcards.method} ({wildcards.budget}, seed {wildcards.seed}) "
+        "for {wildcards.experiment}"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/fit_head.py"
