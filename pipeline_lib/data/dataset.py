@@ -1,0 +1,87 @@
+"""The in-memory labelled image set that every data source returns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+__all__ = ["ImageDataset"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class ImageDataset:
+    """Labelled images of one split, checked on construction.
+
+    Attributes:
+      images: uint8, shape (N, H, W) for grey images or (N, H, W, C).
+      labels: int32, shape (N,), each in [0, num_classes).
+      num_classes: the number of classes K of the task (not just those present).
+      name: the dataset name, e.g. "fashion_mnist".
+      split: the split name, e.g. "train" or "test".
+      source: where the data came from (file paths, or "tfds:<name>").
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+    split: str
+    source: str
+
+    def __post_init__(self) -> None:
+        where = f"{self.name}/{self.split} (from {self.source})"
+        images, labels = self.images, self.labels
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"{where}: images must be a numpy array, got {type(images).__name__}")
+        if not isinstance(labels, np.ndarray):
+            raise TypeError(f"{where}: labels must be a numpy array, got {type(labels).__name__}")
+        if images.dtype != np.uint8:
+            raise ValueError(f"{where}: images must be uint8, got {images.dtype}")
+        if images.ndim not in (3, 4):
+            raise ValueError(
+                f"{where}: images must have shape (N, H, W) or (N, H, W, C), got {images.shape}"
+            )
+        if 0 in images.shape[1:]:
+            raise ValueError(f"{where}: images have an empty dimension: shape {images.shape}")
+        if labels.dtype != np.int32:
+            raise ValueError(
+                f"{where}: labels must be int32, got {labels.dtype} "
+                "(convert with .astype(np.int32))"
+            )
+        if labels.ndim != 1:
+            raise ValueError(f"{where}: labels must have shape (N,), got {labels.shape}")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int | np.integer):
+            raise TypeError(f"{where}: num_classes must be an int, got {self.num_classes!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"{where}: num_classes must be at least 1, got {self.num_classes}")
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{where}: {images.shape[0]} images but {labels.shape[0]} labels; counts must match"
+            )
+        if images.shape[0] == 0:
+            raise ValueError(f"{where}: the dataset has no examples")
+        bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{where}: {bad.size} labels outside [0, {self.num_classes}), "
+                f"first at index {i} with value {int(labels[i])}"
+            )
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one image: (H, W) or (H, W, C)."""
+        return tuple(self.images.shape[1:])
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, "
+            f"images={self.images.dtype}{list(self.images.shape)}, "
+            f"num_classes={self.num_classes}, source={self.source!r})"
+        )

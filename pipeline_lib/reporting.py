@@ -1,0 +1,560 @@
+"""Turn per-run metrics.json files into accuracy-vs-epsilon tables and a plot.
+
+Rules the report enforces (see DESIGN.md, "Reports"):
+
+* Non-private numbers are always labelled "non-private"; they never appear
+  with an epsilon.
+* Every DP number carries its (epsilon, delta) and accountant.
+* Medians and spreads are over seeds; one row per (experiment, method,
+  private, target epsilon, target delta, accountant).
+* A report never overstates privacy: a private run whose spent epsilon
+  (or delta) exceeds its target is rejected, not summarized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "MetricsError",
+    "SummaryRow",
+    "build_report",
+    "load_runs",
+    "plot_accuracy_vs_epsilon",
+    "summarize",
+    "write_summary_csv",
+    "write_summary_md",
+]
+
+# Relative slack when comparing spent with target budgets (float round-off only).
+BUDGET_RTOL = 1e-9
+
+REQUIRED_KEYS = (
+    "experiment",
+    "method",
+    "private",
+    "seed",
+    "target_epsilon",
+    "target_delta",
+    "spent_epsilon",
+    "spent_delta",
+    "accountant",
+    "neighboring_relation",
+    "noise_multipliers",
+    "test_accuracy",
+)
+# Keys that a non-private run must leave null: it has no privacy budget to report.
+_NULL_WHEN_NONPRIVATE = ("target_epsilon", "target_delta", "spent_epsilon", "accountant")
+
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+ACCURACY_PNG = "accuracy_vs_epsilon.png"
+
+
+class MetricsError(ValueError):
+    """A metrics file is unreadable or inconsistent. The message names the file."""
+
+
+# --- loading and validation -----------------------------------------------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_run(run: Any, path: str) -> None:
+    def fail(problem: str) -> MetricsError:
+        return MetricsError(f"{path}: {problem}")
+
+    if not isinstance(run, dict):
+        raise fail(f"expected a JSON object, got {type(run).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in run]
+    if missing:
+        raise fail(f"missing required keys: {', '.join(missing)}")
+    for key in ("experiment", "method"):
+        if not isinstance(run[key], str) or not run[key]:
+            raise fail(f"{key} must be a non-empty string, got {run[key]!r}")
+    if not isinstance(run["private"], bool):
+        raise fail(f"private must be true or false, got {run['private']!r}")
+    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
+        raise fail(f"seed must be an integer, got {run['seed']!r}")
+    accuracy = run["test_accuracy"]
+    if not _is_number(accuracy) or not 0.0 <= accuracy <= 1.0:
+        raise fail(f"test_accuracy must be a fraction in [0, 1], got {accuracy!r}")
+    train_accuracy = run.get("train_accuracy")
+    if train_accuracy is not None and (
+        not _is_number(train_accuracy) or not 0.0 <= train_accuracy <= 1.0
+    ):
+        raise fail(f"train_accuracy must be a fraction in [0, 1] or null, got {train_accuracy!r}")
+    multipliers = run["noise_multipliers"]
+    if not isinstance(multipliers, dict):
+        raise fail(f"noise_multipliers must be an object, got {multipliers!r}")
+
+    if not run["private"]:
+        set_keys = [key for key in _NULL_WHEN_NONPRIVATE if run[key] is not None]
+        if set_keys or multipliers:
+            raise fail(
+                "private is false, but the run carries privacy parameters "
+                f"({', '.join(set_keys + (['noise_multipliers'] if multipliers else []))}); "
+                "a non-private run must leave them null/empty so it is never read as DP"
+            )
+        return
+
+    target_epsilon, target_delta = run["target_epsilon"], run["target_delta"]
+    spent_epsilon, spent_delta = run["spent_epsilon"], run["spent_delta"]
+    if not _is_number(target_epsilon) or target_epsilon <= 0:
+        raise fail(f"target_epsilon must be a number > 0 for a private run, got {target_epsilon!r}")
+    if not _is_number(target_delta) or not 0 < target_delta < 1:
+        raise fail(f"target_delta must be in (0, 1) for a private run, got {target_delta!r}")
+    if not _is_number(spent_epsilon) or spent_epsilon < 0:
+        raise fail(f"spent_epsilon must be a number >= 0 for a private run, got {spent_epsilon!r}")
+    if not _is_number(spent_delta) or not 0 <= spent_delta < 1:
+        raise fail(f"spent_delta must be in [0, 1) for a private run, got {spent_delta!r}")
+    if spent_epsilon > target_epsilon * (1 + BUDGET_RTOL):
+        raise fail(
+            f"spent_epsilon {spent_epsilon!r} exceeds target_epsilon {target_epsilon!r}; "
+            "reporting this run at its target would overstate its privacy"
+        )
+    if spent_delta > target_delta * (1 + BUDGET_RTOL):
+        raise fail(
+            f"spent_delta {spent_delta!r} exceeds target_delta {target_delta!r}; "
+            "reporting this run at its target would overstate its privacy"
+        )
+    for key in ("accountant", "neighboring_relation"):
+        if not isinstance(run[key], str) or not run[key]:
+            raise fail(f"{key} must be a non-empty string for a private run, got {run[key]!r}")
+    if not multipliers:
+        raise fail("noise_multipliers is empty for a private run")
+    for name, value in multipliers.items():
+        if not _is_number(value) or value <= 0:
+            raise fail(f"noise_multipliers[{name!r}] must be a number > 0, got {value!r}")
+
+
+def load_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Read and validate metrics.json files, one run each.
+
+    Each returned dict is the file's content plus ``"metrics_path"`` (the file it
+    came from), so later errors can name it.
+
+    Raises:
+      FileNotFoundError: a file does not exist.
+      MetricsError: bad JSON, a missing or ill-typed key, a private run whose spent
+        epsilon or delta exceeds its target, a non-private run that carries a
+        privacy budget, or the same (group, seed) twice. The message names the file.
+    """
+    runs = []
+    seen: dict[tuple, str] = {}
+    for raw_path in paths:
+        path = os.fspath(raw_path)
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            run = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise MetricsError(
+                f"{path}: not valid UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from exc
+        except json.JSONDecodeError as exc:
+            raise MetricsError(
+                f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            ) from exc
+        _check_run(run, path)
+        identity = (*_group_key(run), run["seed"])
+        if identity in seen:
+            raise MetricsError(
+                f"{path}: duplicate run: {seen[identity]} has the same experiment, method, "
+                f"privacy parameters and seed {run['seed']}; each seed must count once"
+            )
+        seen[identity] = path
+        runs.append({**run, "metrics_path": path})
+    return runs
+
+
+# --- summarizing -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SummaryRow:
+    """Test accuracy of one configuration over seeds (accuracies are fractions in [0, 1])."""
+
+    experiment: str
+    method: str
+    private: bool
+    target_epsilon: float | None
+    target_delta: float | None
+    accountant: str | None
+    neighboring_relation: str | None
+    n_seeds: int
+    seeds: tuple[int, ...]
+    median_test_accuracy: float
+    min_test_accuracy: float
+    max_test_accuracy: float
+    spread_test_accuracy: float  # max - min over seeds
+    median_train_accuracy: float | None  # None unless every run reports it
+    median_spent_epsilon: float | None
+    noise_multipliers: Mapping[str, float]  # median over seeds, per release name
+
+    @property
+    def privacy_label(self) -> str:
+        """The row's privacy in words: 'non-private', or '(ε, δ) = (1, 1e-05), pld'."""
+        if not self.private:
+            return "non-private"
+        return (
+            f"(ε, δ) = ({_fmt(self.target_epsilon)}, {_fmt(self.target_delta)}), {self.accountant}"
+        )
+
+
+def _group_key(run: Mapping[str, Any]) -> tuple:
+    return (
+        run["experiment"],
+        run["method"],
+        run["private"],
+        run["target_epsilon"],
+        run["target_delta"],
+        run["accountant"],
+    )
+
+
+def _sort_key(row: SummaryRow) -> tuple:
+    inf = math.inf
+    return (
+        row.method,
+        inf if row.target_epsilon is None else row.target_epsilon,
+        row.experiment,
+        inf if row.target_delta is None else row.target_delta,
+        row.accountant or "",
+    )
+
+
+def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
+    """Group runs by (experiment, method, private, target ε, target δ, accountant).
+
+    Runs must already be validated (see :func:`load_runs`). Returns one row per
+    group, sorted by method, then target epsilon (non-private last), then experiment.
+
+    Raises:
+      ValueError: no runs, or runs of one group disagree on the neighbouring relation.
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(_group_key(run), []).append(run)
+    if not groups:
+        raise ValueError("no runs to summarize")
+
+    rows = []
+    for key, members in groups.items():
+        experiment, method, private, target_epsilon, target_delta, accountant = key
+        relations = {run.get("neighboring_relation") for run in members}
+        if private and len(relations) > 1:
+            files = ", ".join(str(run.get("metrics_path", "?")) for run in members)
+            raise ValueError(
+                f"{experiment}/{method} at epsilon {target_epsilon}: runs disagree on the "
+                f"neighbouring relation {sorted(map(str, relations))} ({files})"
+            )
+        accuracies = [float(run["test_accuracy"]) for run in members]
+        train = [run.get("train_accuracy") for run in members]
+        names = sorted({name for run in members for name in run["noise_multipliers"]})
+        multipliers = {
+            name: statistics.median(
+                float(run["noise_multipliers"][name])
+                for run in members
+                if name in run["noise_multipliers"]
+            )
+            for name in names
+        }
+        rows.append(
+            SummaryRow(
+                experiment=experiment,
+                method=method,
+                private=private,
+                target_epsilon=target_epsilon,
+                target_delta=target_delta,
+                accountant=accountant,
+                neighboring_relation=relations.pop() if len(relations) == 1 else None,
+                n_seeds=len(members),
+                seeds=tuple(sorted(run["seed"] for run in members)),
+                median_test_accuracy=statistics.median(accuracies),
+                min_test_accuracy=min(accuracies),
+                max_test_accuracy=max(accuracies),
+                spread_test_accuracy=max(accuracies) - min(accuracies),
+                median_train_accuracy=(
+                    statistics.median(float(t) for t in train)
+                    if all(t is not None for t in train)
+                    else None
+                ),
+                median_spent_epsilon=(
+                    statistics.median(float(run["spent_epsilon"]) for run in members)
+                    if private
+                    else None
+                ),
+                noise_multipliers=multipliers,
+            )
+        )
+    return sorted(rows, key=_sort_key)
+
+
+# --- writing -------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    """Short human form of a budget: 1, 0.25, 1e-05."""
+    return "" if value is None else f"{value:g}"
+
+
+def _pct(fraction: float | None) -> str:
+    return "" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _csv_columns(rows: Sequence[SummaryRow]) -> list[str]:
+    names = sorted({name for row in rows for name in row.noise_multipliers})
+    return [
+        "experiment",
+        "method",
+        "private",
+        "privacy",
+        "target_epsilon",
+        "target_delta",
+        "accountant",
+        "neighboring_relation",
+        "n_seeds",
+        "seeds",
+        "median_test_accuracy",
+        "min_test_accuracy",
+        "max_test_accuracy",
+        "spread_test_accuracy",
+        "median_train_accuracy",
+        "median_spent_epsilon",
+        *(f"noise_multiplier_{name}" for name in names),
+    ]
+
+
+def _write_csv(rows: Sequence[SummaryRow], path: Path) -> None:
+    columns = _csv_columns(rows)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            record = {
+                field.name: getattr(row, field.name)
+                for field in dataclasses.fields(row)
+                if field.name != "noise_multipliers"
+            }
+            record["privacy"] = row.privacy_label
+            record["private"] = "true" if row.private else "false"
+            record["seeds"] = ";".join(str(seed) for seed in row.seeds)
+            for name, value in row.noise_multipliers.items():
+                record[f"noise_multiplier_{name}"] = value
+            writer.writerow({k: ("" if v is None else v) for k, v in record.items()})
+
+
+def write_summary_csv(rows: Sequence[SummaryRow], path: str | os.PathLike) -> None:
+    """Machine-readable summary: accuracies as fractions, empty cells for "not applicable"."""
+    with _atomic(Path(path)) as tmp:
+        _write_csv(rows, tmp)
+
+
+def _dp_settings(rows: Sequence[SummaryRow]) -> set[tuple]:
+    return {
+        (row.target_delta, row.accountant, row.neighboring_relation) for row in rows if row.private
+    }
+
+
+def _settings_sentence(rows: Sequence[SummaryRow]) -> str:
+    settings = _dp_settings(rows)
+    if not settings:
+        return "All rows are non-private baselines: they carry no privacy guarantee."
+    if len(settings) == 1:
+        ((delta, accountant, relation),) = settings
+        return (
+            f"DP rows: (ε, δ)-DP with δ = {_fmt(delta)}, accountant: {accountant}, "
+            f"neighbouring relation: {relation}. Spent ε never exceeds the target ε."
+        )
+    return (
+        "DP rows use several (δ, accountant) settings; each row states its own. "
+        "Spent ε never exceeds the target ε."
+    )
+
+
+def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None:
+    lines = []
+    if title:
+        lines += [f"# {title}", ""]
+    lines += [
+        _settings_sentence(rows),
+        'Rows marked "non-private" are baselines without any privacy guarantee.',
+        "Accuracies are test accuracies over seeds: median, min, max, and the spread "
+        "(max − min) in percentage points (pp).",
+        "",
+        "| Experiment | Method | Privacy (ε, δ) | Accountant | Spent ε (median) "
+        "| Test acc. (median) | Min | Max | Spread (pp) | Seeds | Noise multipliers (median) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        if row.private:
+            privacy = f"({_fmt(row.target_epsilon)}, {_fmt(row.target_delta)})"
+            spent = _fmt(row.median_spent_epsilon)
+            accountant = row.accountant or ""
+        else:
+            privacy, spent, accountant = "non-private", "—", "—"
+        multipliers = ", ".join(f"{k}={v:.4g}" for k, v in row.noise_multipliers.items()) or "—"
+        lines.append(
+            f"| {row.experiment} | {row.method} | {privacy} | {accountant} | {spent} "
+            f"| {_pct(row.median_test_accuracy)} | {_pct(row.min_test_accuracy)} "
+            f"| {_pct(row.max_test_accuracy)} | {100 * row.spread_test_accuracy:.2f} "
+            f"| {row.n_seeds} | {multipliers} |"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_summary_md(
+    rows: Sequence[SummaryRow], path: str | os.PathLike, *, title: str | None = None
+) -> None:
+    """Human-readable summary table; percentages with 2 decimals."""
+    with _atomic(Path(path)) as tmp:
+        _write_md(rows, tmp, title)
+
+
+def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    if not rows:
+        raise ValueError("no summary rows to plot")
+    fig = Figure(figsize=(7.5, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    settings = _dp_settings(rows)
+    one_setting = len(settings) <= 1
+
+    series: dict[tuple, list[SummaryRow]] = {}
+    for row in rows:
+        if row.private:
+            key = (row.experiment, row.method, row.target_delta, row.accountant)
+            series.setdefault(key, []).append(row)
+    experiments = {row.experiment for row in rows}
+    handles: list[Any] = []  # legend order: DP lines, then baselines, as in the table
+    for (experiment, method, delta, accountant), members in series.items():
+        members = sorted(members, key=lambda r: r.target_epsilon)
+        label = method if len(experiments) == 1 else f"{experiment}: {method}"
+        if not one_setting:
+            label += f" (δ = {_fmt(delta)}, {accountant})"
+        medians = [100 * r.median_test_accuracy for r in members]
+        container = ax.errorbar(
+            [r.target_epsilon for r in members],
+            medians,
+            yerr=[
+                [m - 100 * r.min_test_accuracy for m, r in zip(medians, members, strict=True)],
+                [100 * r.max_test_accuracy - m for m, r in zip(medians, members, strict=True)],
+            ],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+        handles.append(container)
+    for i, row in enumerate(r for r in rows if not r.private):
+        label = row.method if len(experiments) == 1 else f"{row.experiment}: {row.method}"
+        line = ax.axhline(
+            100 * row.median_test_accuracy,
+            linestyle="--",
+            color=f"C{(len(series) + i) % 10}",
+            label=f"{label} (non-private)",
+        )
+        handles.append(line)
+
+    ax.set_xscale("log")
+    epsilons = sorted({row.target_epsilon for row in rows if row.private})
+    if epsilons:  # label the budgets that were run, in plain numbers
+        ax.set_xticks(epsilons, [_fmt(eps) for eps in epsilons])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(epsilons[0] / 1.5, epsilons[-1] * 1.5)
+    else:
+        ax.set_xlim(0.1, 10.0)
+    ax.set_xlabel("target ε (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(handles=handles, loc="best", fontsize="small")
+    if not settings:
+        subtitle = "non-private baselines only"
+    elif one_setting:
+        ((delta, accountant, _),) = settings
+        subtitle = (
+            f"(ε, δ)-DP, δ = {_fmt(delta)}, accountant: {accountant}; median and min–max over seeds"
+        )
+    else:
+        subtitle = "δ and accountant per line; median and min–max over seeds"
+    ax.set_title(f"{title}\n{subtitle}", fontsize="medium")
+    fig.savefig(path, format="png", dpi=120)
+    return fig
+
+
+def plot_accuracy_vs_epsilon(
+    rows: Sequence[SummaryRow],
+    path: str | os.PathLike,
+    title: str = "Test accuracy vs. privacy budget",
+) -> Figure:
+    """PNG: median test accuracy (%) against target ε (log x), min–max error bars over
+    seeds, one line per private method, and each non-private baseline as a labelled
+    dashed horizontal line. The title states δ and the accountant.
+
+    Returns the (pyplot-free) matplotlib Figure, for inspection.
+    """
+    with _atomic(Path(path)) as tmp:
+        return _plot(rows, tmp, title)
+
+
+def build_report(
+    metrics_paths: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    title: str,
+) -> dict[str, Path]:
+    """Write summary.csv, summary.md and accuracy_vs_epsilon.png into ``out_dir``.
+
+    Older outputs are removed first; then all inputs are loaded and checked; then
+    each output is written under a temporary name and renamed into place only
+    after all three were written. So a failure leaves no file that looks like a
+    finished report. Returns the output paths by kind.
+    """
+    out_dir = Path(out_dir)
+    outputs = {
+        "csv": out_dir / SUMMARY_CSV,
+        "md": out_dir / SUMMARY_MD,
+        "png": out_dir / ACCURACY_PNG,
+    }
+    for path in outputs.values():  # a stale report must not outlive a failed rebuild
+        path.unlink(missing_ok=True)
+    metrics_paths = list(metrics_paths)
+    if not metrics_paths:
+        raise ValueError("build_report: no metrics files given")
+    rows = summarize(load_runs(metrics_paths))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = {kind: stack.enter_context(_atomic(path)) for kind, path in outputs.items()}
+        _write_csv(rows, tmp["csv"])
+        _write_md(rows, tmp["md"], title)
+        _plot(rows, tmp["png"], title)
+    return outputs

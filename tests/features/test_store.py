@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+
+from pipeline_lib.features import store as fs
+
+ATTRS = dict(
+    backbone="toy", checkpoint_sha256="0" * 64, preprocessing="none", image_size=8,
+    dataset="toy", split="train", num_classes=3,
+)
+
+
+def _make(path, n=10, d=4, rows=4):
+    fs.create_store(path, num_examples=n, feature_dim=d, chunk_rows=rows, attrs=ATTRS)
+
+
+def _fill(path, n=10, d=4, rows=4, skip=()):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    for c in range(fs.num_chunks(n, rows)):
+        if c in skip:
+            continue
+        a, b = fs.chunk_bounds(c, n, rows)
+        fs.write_chunk(path, c, x[a:b], y[a:b])
+    return x, y
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    assert fs.pending_chunks(path) == [0, 1, 2]
+    x, y = _fill(path)
+    assert fs.pending_chunks(path) == []
+    assert not path.exists()  # nothing published before finalize
+    fs.finalize_store(path)
+    assert path.exists() and not fs.work_dir(path).exists()
+    store = fs.FeatureStore(path)
+    assert (store.num_examples, store.feature_dim, store.num_classes) == (10, 4, 3)
+    assert store.chunk_sizes() == [4, 4, 2]
+    xs, ys = store.read_all()
+    np.testing.assert_array_equal(xs, x)
+    np.testing.assert_array_equal(ys, y)
+    assert store.attrs["complete"] is True and store.attrs["backbone"] == "toy"
+
+
+def test_all_zero_chunk_is_complete_by_marker(tmp_path):
+    """Zarr does not store all-fill chunks; markers, not chunk keys, prove completion."""
+    path = tmp_path / "z.zarr"
+    _make(path, n=4, rows=4)
+    fs.write_chunk(path, 0, np.zeros((4, 4), np.float32), np.zeros(4, np.int32))
+    fs.finalize_store(path)
+    np.testing.assert_array_equal(fs.FeatureStore(path).read_all()[0], 0)
+
+
+def test_finalize_refuses_missing_chunks(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    _fill(path, skip={1})
+    with pytest.raises(fs.StoreError, match=r"1 of 3 chunks not done \(first: \[1\]\)"):
+        fs.finalize_store(path)
+    assert not path.exists()
+    with pytest.raises(fs.StoreError, match="unfinished extraction exists"):
+        fs.FeatureStore(path)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    _make(path)  # same settings: fine (resume)
+    with pytest.raises(fs.StoreError, match=r"differs in \['backbone'\]"):
+        fs.create_store(path, num_examples=10, feature_dim=4, chunk_rows=4,
+                        attrs=dict(ATTRS, backbone="other"))
+
+
+def test_nan_features_rejected_with_chunk(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    bad = np.ones((4, 4), np.float32)
+    bad[2, 1] = np.nan
+    with pytest.raises(fs.StoreError, match="chunk 1 has NaN"):
+        fs.write_chunk(path, 1, bad, np.zeros(4, np.int32))
+    assert fs.pending_chunks(path) == [0, 1, 2]
+
+
+def test_wrong_chunk_shape(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    with pytest.raises(ValueError, match="chunk 2: expected features"):
+        fs.write_chunk(path, 2, np.ones((4, 4), np.float32), np.zeros(4, np.int32))
+
+
+def test_corrupted_published_store_is_caught(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    _fill(path)
+    fs.finalize_store(path)
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+")
+    g["labels"][3] = 7  # out of range for 3 classes
+    with pytest.raises(fs.StoreError, match=r"labels out of range \[0, 3\) in rows 0..3"):
+        list(fs.FeatureStore(path).iter_chunks())
+    g["labels"][3] = 0
+    g["features"][9, 0] = np.inf
+    with pytest.raises(fs.StoreError, match="features row 9 is NaN or Inf"):
+        list(fs.FeatureStore(path).iter_chunks())
+    g.attrs["complete"] = False
+    with pytest.raises(fs.StoreError, match="not marked complete"):
+        fs.FeatureStore(path)
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(fs.StoreError, match="feature store not found"):
+        fs.FeatureStore(tmp_path / "nope.zarr")
