@@ -22,9 +22,10 @@ from dp_accounting import pld, rdp
 NEIGHBORING_RELATION = "add_or_remove_one"
 ACCOUNTANTS = ("pld", "rdp")
 
-# PLD discretization: 1e-4 is dp_accounting's default; the pessimistic estimate
-# it computes is an upper bound on the true epsilon at any discretization.
-PLD_DISCRETIZATION = 1e-4
+# PLD discretization. dp_accounting's pessimistic PLD is an upper bound on the
+# true epsilon at any discretization; 1e-3 (not the default 1e-4) is about 10x
+# faster and, measured on DP-LS, still within 0.1% of the analytic Gaussian.
+PLD_DISCRETIZATION = 1e-3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,13 +18,24 @@ def _stats(n=500, d=6, k=3, seed=0, transform="normalize"):
                      num_examples=n, l2_clip_norm=1.0, transform=transform), x, y
 
 
-def test_huge_epsilon_equals_nonprivate_ridge():
+def test_vanishing_noise_equals_nonprivate_ridge():
     stats, _, _ = _stats()
-    head = DPLeastSquares(ridge_lambda=1.0).calibrate(epsilon=1e4, delta=1e-5)
-    assert head.noise_multiplier < 1e-3
+    head = DPLeastSquares(ridge_lambda=1.0, noise_multiplier=1e-9)  # epsilon ~ 1e9
     private = head.fit(stats, seed=0)["weights"]
     exact = NonPrivateRidge(ridge_lambda=1.0).fit(stats)["weights"]
-    np.testing.assert_allclose(private, exact, atol=2e-3)
+    np.testing.assert_allclose(private, exact, atol=1e-6)
+
+
+def test_converges_to_nonprivate_ridge_as_epsilon_grows():
+    stats, _, _ = _stats()
+    exact = NonPrivateRidge(ridge_lambda=1.0).fit(stats)["weights"]
+    errors = []
+    for eps in (0.5, 4.0, 20.0):
+        head = DPLeastSquares(ridge_lambda=1.0).calibrate(epsilon=eps, delta=1e-5)
+        errs = [np.linalg.norm(head.fit(stats, seed=s)["weights"] - exact) for s in range(3)]
+        errors.append(np.median(errs))
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.2 * np.linalg.norm(exact)
 
 
 def test_solve_matches_closed_form():
