@@ -1,2 +1,3 @@
 """DP image classification from pre-trained features."""
+
 __version__ = "0.1.0"

@@ -38,7 +38,9 @@ def feature_path(results_dir, dataset, backbone, image_size, split) -> str:
 
 def stats_path(results_dir, dataset, backbone, image_size, transform, clip) -> str:
     return str(
-        Path(results_dir, "stats", dataset, backbone, f"{image_size}px", f"{transform}-C{clip:g}.npz")
+        Path(
+            results_dir, "stats", dataset, backbone, f"{image_size}px", f"{transform}-C{clip:g}.npz"
+        )
     )
 
 
@@ -60,7 +62,9 @@ def expand_runs(config: dict) -> list[dict]:
     """Every head run the config asks for, as plain dicts (one per metrics.json)."""
     experiments = config.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
-        raise ConfigError("config key 'experiments' must be a non-empty mapping of named experiments")
+        raise ConfigError(
+            "config key 'experiments' must be a non-empty mapping of named experiments"
+        )
     datasets = config.get("datasets", {})
     runs = []
     for name, exp in experiments.items():
@@ -99,7 +103,10 @@ def expand_runs(config: dict) -> list[dict]:
         baselines = exp.get("baselines") or {}
         if not methods and not baselines:
             raise ConfigError(f"{where}: needs at least one entry under 'methods' or 'baselines'")
-        for group, entries, private in (("methods", methods, True), ("baselines", baselines, False)):
+        for group, entries, private in (
+            ("methods", methods, True),
+            ("baselines", baselines, False),
+        ):
             for method, params in entries.items():
                 mwhere = f"{where}, {group}.{method}"
                 if method not in HEADS:
@@ -153,15 +160,21 @@ def run_inputs(config: dict, run: dict) -> dict[str, str]:
 def find_run(config: dict, experiment: str, method: str, budget: str, seed: str | int) -> dict:
     for run in expand_runs(config):
         if (run["experiment"], run["method"], run["budget"], str(run["seed"])) == (
-            experiment, method, budget, str(seed)
+            experiment,
+            method,
+            budget,
+            str(seed),
         ):
             return run
     raise ConfigError(f"no run {experiment}/{method}/{budget}/seed{seed} in the config")
 
 
 def experiment_metrics(config: dict, experiment: str) -> list[str]:
-    return [run_outputs(config, r)["metrics"] for r in expand_runs(config)
-            if r["experiment"] == experiment]
+    return [
+        run_outputs(config, r)["metrics"]
+        for r in expand_runs(config)
+        if r["experiment"] == experiment
+    ]
 
 
 def all_reports(config: dict) -> list[str]:

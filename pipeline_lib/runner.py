@@ -84,14 +84,22 @@ def run_head(
             noise_multipliers=head.noise_multipliers(),
             dp_event=str(head.dp_event()),
             privacy_statement=accounting.privacy_statement(
-                method=spec["method"], epsilon=spent, delta=delta,
-                accountant=head.accountant, covered=COVERED,
+                method=spec["method"],
+                epsilon=spent,
+                delta=delta,
+                accountant=head.accountant,
+                covered=COVERED,
             ),
         )
     else:
         record.update(
-            target_epsilon=None, target_delta=None, spent_epsilon=None, spent_delta=None,
-            accountant=None, neighboring_relation=None, noise_multipliers={},
+            target_epsilon=None,
+            target_delta=None,
+            spent_epsilon=None,
+            spent_delta=None,
+            accountant=None,
+            neighboring_relation=None,
+            noise_multipliers={},
             privacy_statement="NON-PRIVATE baseline: no differential privacy guarantee.",
         )
 
@@ -99,8 +107,10 @@ def run_head(
     if spec["method"] in STATS_HEADS:
         stats = load_stats(stats_path)
         if stats.num_examples != train.num_examples:
-            raise ValueError(f"{stats_path}: computed on {stats.num_examples} examples, "
-                             f"store {train_store} has {train.num_examples}")
+            raise ValueError(
+                f"{stats_path}: computed on {stats.num_examples} examples, "
+                f"store {train_store} has {train.num_examples}"
+            )
         params = head.fit(stats, seed=int(spec["seed"]))
     else:
         params = head.fit(train, seed=int(spec["seed"]))
@@ -117,6 +127,7 @@ def run_head(
     metadata = json.dumps(record, sort_keys=True)
     metrics_path, head_path = Path(metrics_path), Path(head_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
+
     def write_head(p: Path) -> None:
         with open(p, "wb") as f:
             np.savez(f, weights=params["weights"], bias=params["bias"], metadata=np.array(metadata))

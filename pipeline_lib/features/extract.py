@@ -120,7 +120,7 @@ def extract_to_store(
     bounds = [fstore.chunk_bounds(c, n, chunk_rows) for c in todo]
     total = sum(stop - start for start, stop in bounds)
     with _progress(int(total), progress) as bar:
-        for c, (start, stop) in zip(todo, bounds):
+        for c, (start, stop) in zip(todo, bounds, strict=True):
             feats = np.empty((stop - start, backbone.feature_dim), np.float32)
             for b0 in range(start, stop, batch_size):
                 b1 = min(b0 + batch_size, stop)

@@ -22,7 +22,8 @@ def make_head(method: str, hyperparameters: dict | None = None, *, where: str = 
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(
-            f"{where}: unknown hyperparameter(s) {unknown} for method {method!r}; allowed: {allowed}"
+            f"{where}: unknown hyperparameter(s) {unknown} for method {method!r}; "
+            f"allowed: {allowed}"
         )
     try:
         return cls(**params)

@@ -137,7 +137,10 @@ class DPLeastSquares:
         """Release, then post-process into weights (d, K) and a zero bias."""
         noisy = self.release(stats, seed=seed)
         weights = solve_ridge_psd(noisy.xtx, noisy.xty, self.ridge(stats.feature_dim))
-        return {"weights": weights.astype(np.float32), "bias": np.zeros(stats.num_classes, np.float32)}
+        return {
+            "weights": weights.astype(np.float32),
+            "bias": np.zeros(stats.num_classes, np.float32),
+        }
 
     def _check_stats(self, stats: SuffStats) -> None:
         if stats.l2_clip_norm != self.l2_clip_norm or stats.transform != self.feature_transform:

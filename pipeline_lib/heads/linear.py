@@ -18,14 +18,21 @@ def predict_logits(weights, bias, features, *, l2_clip_norm, transform):
     return bound_rows(features, l2_clip_norm, transform) @ weights + bias
 
 
-def accuracy(store: FeatureStore, weights: np.ndarray, bias: np.ndarray | None, *,
-             l2_clip_norm: float, transform: str) -> float:
+def accuracy(
+    store: FeatureStore,
+    weights: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    l2_clip_norm: float,
+    transform: str,
+) -> float:
     """Top-1 accuracy over the whole store, streamed chunk by chunk."""
     weights = jnp.asarray(weights, jnp.float32)
     bias = jnp.zeros(weights.shape[1], jnp.float32) if bias is None else jnp.asarray(bias)
     correct = 0
     for feats, labels in store.iter_chunks():
-        logits = predict_logits(weights, bias, feats, l2_clip_norm=float(l2_clip_norm),
-                                transform=transform)
+        logits = predict_logits(
+            weights, bias, feats, l2_clip_norm=float(l2_clip_norm), transform=transform
+        )
         correct += int(np.sum(np.asarray(jnp.argmax(logits, axis=-1)) == labels))
     return correct / store.num_examples

@@ -49,7 +49,10 @@ class NonPrivateRidge:
     def fit(self, stats: SuffStats, *, seed: int = 0) -> dict[str, np.ndarray]:
         del seed  # deterministic
         weights = solve_ridge_psd(stats.xtx, stats.xty, self.ridge_lambda)
-        return {"weights": weights.astype(np.float32), "bias": np.zeros(stats.num_classes, np.float32)}
+        return {
+            "weights": weights.astype(np.float32),
+            "bias": np.zeros(stats.num_classes, np.float32),
+        }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

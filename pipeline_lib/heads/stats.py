@@ -69,7 +69,11 @@ def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -
     counts = np.zeros(k, np.int64)
     for feats, labels, mask in padded_chunks(store):
         a, b, c = _chunk_stats(
-            feats, labels, mask, num_classes=k, l2_clip_norm=float(l2_clip_norm),
+            feats,
+            labels,
+            mask,
+            num_classes=k,
+            l2_clip_norm=float(l2_clip_norm),
             transform=transform,
         )
         xtx += np.asarray(a, np.float64)
@@ -78,8 +82,12 @@ def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -
     if int(counts.sum()) != store.num_examples:  # one pass, each example once
         raise AssertionError(f"stats saw {counts.sum()} examples, store has {store.num_examples}")
     return SuffStats(
-        xtx=xtx, xty=xty, class_counts=counts, num_examples=store.num_examples,
-        l2_clip_norm=float(l2_clip_norm), transform=transform,
+        xtx=xtx,
+        xty=xty,
+        class_counts=counts,
+        num_examples=store.num_examples,
+        l2_clip_norm=float(l2_clip_norm),
+        transform=transform,
     )
 
 
@@ -87,8 +95,12 @@ def save_stats(stats: SuffStats, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(
-        tmp, xtx=stats.xtx, xty=stats.xty, class_counts=stats.class_counts,
-        num_examples=stats.num_examples, l2_clip_norm=stats.l2_clip_norm,
+        tmp,
+        xtx=stats.xtx,
+        xty=stats.xty,
+        class_counts=stats.class_counts,
+        num_examples=stats.num_examples,
+        l2_clip_norm=stats.l2_clip_norm,
         transform=stats.transform,
     )
     os.replace(tmp, path)
@@ -98,8 +110,11 @@ def load_stats(path: str | os.PathLike) -> SuffStats:
     try:
         with np.load(path) as z:
             return SuffStats(
-                xtx=z["xtx"], xty=z["xty"], class_counts=z["class_counts"],
-                num_examples=int(z["num_examples"]), l2_clip_norm=float(z["l2_clip_norm"]),
+                xtx=z["xtx"],
+                xty=z["xty"],
+                class_counts=z["class_counts"],
+                num_examples=int(z["num_examples"]),
+                l2_clip_norm=float(z["l2_clip_norm"]),
                 transform=str(z["transform"]),
             )
     except (OSError, KeyError, ValueError) as exc:

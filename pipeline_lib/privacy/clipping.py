@@ -29,7 +29,9 @@ def bound_rows(x: jnp.ndarray, l2_clip_norm: float, transform: str = "clip") -> 
     if not l2_clip_norm > 0:
         raise ValueError(f"l2_clip_norm must be > 0, got {l2_clip_norm!r}")
     if transform not in FEATURE_TRANSFORMS:
-        raise ValueError(f"feature transform {transform!r} unknown; use one of {FEATURE_TRANSFORMS}")
+        raise ValueError(
+            f"feature transform {transform!r} unknown; use one of {FEATURE_TRANSFORMS}"
+        )
     x = jnp.asarray(x, jnp.float32)
     norms = jnp.linalg.norm(x, axis=-1, keepdims=True)
     target = jnp.float32(l2_clip_norm * _SHRINK)

@@ -29,8 +29,9 @@ def gaussian(seed: int, release: str, shape, stddev: float, *, index: int = 0, s
     return stddev * jax.random.normal(key, shape, jnp.float32)
 
 
-def gaussian_per_class(seed: int, release: str, num_classes: int, dim: int, stddev: float,
-                       *, step: int = 0):
+def gaussian_per_class(
+    seed: int, release: str, num_classes: int, dim: int, stddev: float, *, step: int = 0
+):
     """(num_classes, dim) noise whose row k is drawn with its own key (class index k)."""
     keys = jnp.stack([release_key(seed, release, index=k, step=step) for k in range(num_classes)])
     return stddev * jax.vmap(lambda k: jax.random.normal(k, (dim,), jnp.float32))(keys)

@@ -34,19 +34,23 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(path):
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(path)], capture_output=True,
-                          text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(path)], capture_output=True, text=True, check=True
+    )
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     total = fs.num_chunks(N, ROWS)
     killed = tmp_path / "killed" / "train.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(killed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(killed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     done_dir = fs.work_dir(killed) / "done"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

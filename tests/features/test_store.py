@@ -4,8 +4,13 @@ import pytest
 from pipeline_lib.features import store as fs
 
 ATTRS = dict(
-    backbone="toy", checkpoint_sha256="0" * 64, preprocessing="none", image_size=8,
-    dataset="toy", split="train", num_classes=3,
+    backbone="toy",
+    checkpoint_sha256="0" * 64,
+    preprocessing="none",
+    image_size=8,
+    dataset="toy",
+    split="train",
+    num_classes=3,
 )
 
 
@@ -68,8 +73,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     _make(path)
     _make(path)  # same settings: fine (resume)
     with pytest.raises(fs.StoreError, match=r"differs in \['backbone'\]"):
-        fs.create_store(path, num_examples=10, feature_dim=4, chunk_rows=4,
-                        attrs=dict(ATTRS, backbone="other"))
+        fs.create_store(
+            path, num_examples=10, feature_dim=4, chunk_rows=4, attrs=dict(ATTRS, backbone="other")
+        )
 
 
 def test_nan_features_rejected_with_chunk(tmp_path):

@@ -14,8 +14,18 @@ def _stats(n=500, d=6, k=3, seed=0, transform="normalize"):
     x = centers[y] + 0.3 * rng.normal(size=(n, d))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     onehot = np.eye(k)[y]
-    return SuffStats(xtx=x.T @ x, xty=x.T @ onehot, class_counts=np.bincount(y, minlength=k),
-                     num_examples=n, l2_clip_norm=1.0, transform=transform), x, y
+    return (
+        SuffStats(
+            xtx=x.T @ x,
+            xty=x.T @ onehot,
+            class_counts=np.bincount(y, minlength=k),
+            num_examples=n,
+            l2_clip_norm=1.0,
+            transform=transform,
+        ),
+        x,
+        y,
+    )
 
 
 def test_vanishing_noise_equals_nonprivate_ridge():
@@ -53,10 +63,17 @@ def test_psd_projection_handles_indefinite_gram():
 
 def test_release_noise_has_the_stated_scale_and_is_independent():
     d, k, c = 60, 10, 2.0
-    zero = SuffStats(xtx=np.zeros((d, d)), xty=np.zeros((d, k)), class_counts=np.zeros(k),
-                     num_examples=1000, l2_clip_norm=c, transform="clip")
+    zero = SuffStats(
+        xtx=np.zeros((d, d)),
+        xty=np.zeros((d, k)),
+        class_counts=np.zeros(k),
+        num_examples=1000,
+        l2_clip_norm=c,
+        transform="clip",
+    )
     head = DPLeastSquares(l2_clip_norm=c, feature_transform="clip").calibrate(
-        epsilon=1.0, delta=1e-5)
+        epsilon=1.0, delta=1e-5
+    )
     s = head.noise_multiplier
     noisy = head.release(zero, seed=3)
     e = noisy.xtx

@@ -17,13 +17,24 @@ pytestmark = pytest.mark.slow
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"),
-        "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-        "--cores", "2", *args,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -42,8 +53,12 @@ def test_tiny_workflow_beats_chance(tiny_run):
     report = tiny_run / "results" / "reports" / "tiny"
     for name in ("summary.csv", "summary.md", "accuracy_vs_epsilon.png"):
         assert (report / name).stat().st_size > 0
-    runs = [json.loads(p.read_text()) for p in (tiny_run / "results" / "runs").rglob("metrics.json")]
-    dp8 = sorted(r["test_accuracy"] for r in runs if r["method"] == "dp_ls" and r["target_epsilon"] == 8)
+    runs = [
+        json.loads(p.read_text()) for p in (tiny_run / "results" / "runs").rglob("metrics.json")
+    ]
+    dp8 = sorted(
+        r["test_accuracy"] for r in runs if r["method"] == "dp_ls" and r["target_epsilon"] == 8
+    )
     assert len(dp8) == 2
     assert dp8[0] > 0.4  # chance is 0.1 on 10 balanced classes
     for r in runs:
@@ -75,7 +90,7 @@ def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_run):
 
 def job_counts(text: str) -> dict[str, int]:
     """Parse snakemake's dry-run 'Job stats' table."""
-    lines = text[text.index("Job stats:"):].splitlines()[3:]
+    lines = text[text.index("Job stats:") :].splitlines()[3:]
     counts = {}
     for line in lines:
         parts = line.split()
@@ -99,9 +114,19 @@ def test_bad_config_fails_clearly_and_writes_nothing(tmp_path):
 
 def test_lint():
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--lint", "-s", str(ROOT / "Snakefile"),
-         "--directory", str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--lint",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ import sys
 def setup(snakemake):
     handle = open(snakemake.log[0], "w", buffering=1)  # noqa: SIM115 - lives as long as the job
     sys.stderr = handle
-    logging.basicConfig(stream=handle, level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        stream=handle, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     return logging.getLogger("workflow")

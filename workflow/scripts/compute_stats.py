@@ -17,5 +17,6 @@ stats = compute_stats(
     transform=snakemake.params.transform,  # noqa: F821
 )
 save_stats(stats, snakemake.output.stats)  # noqa: F821
-log.info("stats over %d examples, d=%d, K=%d", stats.num_examples, stats.feature_dim,
-         stats.num_classes)
+log.info(
+    "stats over %d examples, d=%d, K=%d", stats.num_examples, stats.feature_dim, stats.num_classes
+)
