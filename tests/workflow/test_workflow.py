@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -130,3 +131,21 @@ def test_lint():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr
+
+
+def test_released_head_reproduces_reported_accuracy(tiny_run):
+    from pipeline_lib.features.store import FeatureStore
+    from pipeline_lib.heads.released import load_head
+
+    run = tiny_run / "results" / "runs" / "tiny" / "dp_ls" / "eps8" / "seed0"
+    head = load_head(run / "head.npz")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert head.private and head.epsilon == metrics["spent_epsilon"] <= 8
+    assert head.metadata["noise_multipliers"] == metrics["noise_multipliers"]
+    store = FeatureStore(
+        tiny_run / "results/features/fashion_mnist_tiny/efficientnet_lite0/32px/test.zarr"
+    )
+    x, y = store.read_all()
+    assert np.mean(head.predict(x) == y) == pytest.approx(metrics["test_accuracy"])
+    with pytest.raises(ValueError, match="features must have shape"):
+        head.predict(x[:, :10])
