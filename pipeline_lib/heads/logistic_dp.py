@@ -1,0 +1,292 @@
+"""Shared pieces of the logistic-loss DP heads (DP-SGD and DP-FC).
+
+The model is multinomial (softmax) logistic regression on a linear head,
+logits = x W + a b~, with weights W (d, K) and a bias b = a b~ (K,); ``a`` is
+a public constant (``bias_scale``, 1 for DP-SGD) that makes the bias the
+weight of a constant feature ``a`` appended to every example.
+
+Per-example gradients in closed form
+------------------------------------
+For softmax cross-entropy with one-hot label y_i and probabilities p_i, the
+gradient of example i is x_i r_i^T with respect to W and a r_i with respect
+to b~, where r_i = p_i - y_i. Its squared norm (W and b~ together) is
+
+    ||g_i||^2 = (||x_i||^2 + a^2) ||r_i||^2,
+
+and the sum of the clipped gradients, with c_i = min(1, G / ||g_i||), is
+X^T (c * R) for W and a sum_i c_i r_i for b~. Nothing of size N x d x K is
+ever formed. Each clipped gradient has norm <= G (G = ``l2_grad_clip``, shrunk
+by a relative 1e-6 so that float rounding cannot push it above G), so adding
+or removing one example changes the clipped sum by at most G in L2 norm
+(W and b~ entries together): that is the sensitivity of every gradient release.
+
+Data access
+-----------
+`BoundedRows` bounds every feature row to norm <= C (`bound_rows`, the same
+transform the runner applies to test features) and either caches the bounded
+features in memory, when N * d * 4 bytes <= ``max_in_memory_bytes``, or
+streams the store chunk by chunk on every pass (memory O(chunk d + d K)).
+
+Poisson sampling is exact: at step t, row j of chunk c is in the batch iff
+u < q for u ~ U[0, 1) drawn with the key fold_in(seed, release, index=c,
+step=t) (the `noise.release_key` layout), at position j. Every example gets an
+independent Bernoulli(q) draw at every step, reproducible from (seed, step),
+and the cached and streamed paths select exactly the same rows. An empty
+batch is allowed: its gradient sum is zero and the noise is still added.
+
+Noise keys
+----------
+`KeyStream` derives keys exactly as `noise.release_key(seed, release,
+index=, step=)` but inside jit, so that a per-class, per-step draw costs one
+dispatch instead of 4 K. Gradient noise for class k at step t is drawn with
+key (seed, release, k, t): never shared across classes or steps.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pipeline_lib.privacy.accounting import ACCOUNTANTS
+from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
+
+_SHRINK = 1.0 - 1e-6  # clipped gradient norms end strictly below G, as in bound_rows
+OPTIMIZERS = ("sgd", "adam")
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def per_example_grad_sq_norms(weights, bias, xb, labels, *, bias_scale=1.0):
+    """||g_i||^2 = (||x_i||^2 + a^2) ||p_i - y_i||^2 for every row (closed form)."""
+    r = _residuals(weights, bias, xb, labels)
+    return (jnp.sum(xb * xb, axis=1) + bias_scale**2) * jnp.sum(r * r, axis=1)
+
+
+def _residuals(weights, bias, xb, labels):
+    logits = xb @ weights + bias
+    onehot = jax.nn.one_hot(labels, weights.shape[1], dtype=logits.dtype)
+    return jax.nn.softmax(logits, axis=-1) - onehot
+
+
+def clipped_grad_sum(weights, bias_param, xb, labels, mask, *, l2_grad_clip, bias_scale=1.0):
+    """Sum over masked rows of the per-example gradients, each clipped to norm <= G.
+
+    Returns (grad_weights (d, K), grad_bias_param (K,)). The bias used in the
+    logits is bias_scale * bias_param; its gradient is bias_scale * r_i.
+    """
+    r = _residuals(weights, bias_scale * bias_param, xb, labels)
+    sq = (jnp.sum(xb * xb, axis=1) + bias_scale**2) * jnp.sum(r * r, axis=1)
+    target = jnp.float32(l2_grad_clip * _SHRINK)
+    norm = jnp.sqrt(sq)
+    factor = jnp.where(norm > target, target / jnp.where(norm > 0, norm, 1.0), 1.0)
+    cr = (factor * mask)[:, None] * r
+    return xb.T @ cr, bias_scale * jnp.sum(cr, axis=0)
+
+
+_clipped_grad_sum_jit = jax.jit(clipped_grad_sum, static_argnames=("l2_grad_clip", "bias_scale"))
+
+
+# --------------------------------------------------------------------------- keys and noise
+
+
+class KeyStream:
+    """Keys equal to `noise.release_key(seed, release, index=, step=)`, derived inside jit."""
+
+    def __init__(self, seed: int, release: str):
+        key = jax.random.key(int(seed))
+        self.base = jax.random.fold_in(key, zlib.crc32(release.encode()) & 0x7FFFFFFF)
+        self.release = release
+
+    @staticmethod
+    def derive(base, index, step):
+        return jax.random.fold_in(jax.random.fold_in(base, index), step)
+
+    def key(self, index: int, step: int):
+        return _derive_jit(self.base, index, step)
+
+
+_derive_jit = jax.jit(KeyStream.derive)
+
+
+@partial(jax.jit, static_argnames=("num_classes", "dim"))
+def per_class_normal(base, step, *, num_classes: int, dim: int):
+    """(num_classes, dim) standard normals; row k drawn with key (base, index=k, step)."""
+    keys = jax.vmap(lambda k: KeyStream.derive(base, k, step))(jnp.arange(num_classes))
+    return jax.vmap(lambda kk: jax.random.normal(kk, (dim,), jnp.float32))(keys)
+
+
+@partial(jax.jit, static_argnames=("chunk_rows",))
+def poisson_masks(base, chunk_ids, step, sampling_prob, *, chunk_rows: int):
+    """(len(chunk_ids), chunk_rows) bool: row j of chunk c is sampled at this step."""
+
+    def one(c):
+        return jax.random.uniform(KeyStream.derive(base, c, step), (chunk_rows,)) < sampling_prob
+
+    return jax.vmap(one)(chunk_ids)
+
+
+# --------------------------------------------------------------------------- data access
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@partial(jax.jit, static_argnames=("l2_clip_norm", "transform"))
+def _bound(x, *, l2_clip_norm, transform):
+    return bound_rows(x, l2_clip_norm, transform)
+
+
+class BoundedRows:
+    """Training rows with features bounded to norm <= C, cached or streamed.
+
+    `data` is a `FeatureStore` or `InMemoryFeatures` (the shared read
+    interface). The bounded features are cached (float32, N x d) only when
+    N * d * 4 <= max_in_memory_bytes; otherwise every pass re-reads the store.
+    """
+
+    def __init__(self, data, *, l2_clip_norm: float, transform: str, max_in_memory_bytes: float):
+        self.data = data
+        self.l2_clip_norm, self.transform = float(l2_clip_norm), transform
+        self.num_examples = int(data.num_examples)
+        self.feature_dim, self.num_classes = int(data.feature_dim), int(data.num_classes)
+        self.chunk_rows, self.num_chunks = int(data.chunk_rows), int(data.num_chunks)
+        self.cached = self.num_examples * self.feature_dim * 4 <= max_in_memory_bytes
+        self._x = self._y = None
+        if self.cached:
+            xs, ys = [], []
+            for feats, labels in data.iter_chunks():
+                xs.append(np.asarray(self._bound_chunk(feats)))
+                ys.append(np.asarray(labels, np.int32))
+            self._x = np.concatenate(xs) if xs else np.zeros((0, self.feature_dim), np.float32)
+            self._y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
+            if len(self._y) != self.num_examples:  # one pass, each example once
+                raise AssertionError(f"read {len(self._y)} rows, store has {self.num_examples}")
+
+    def _bound_chunk(self, feats) -> jax.Array:
+        return _bound(
+            jnp.asarray(feats, jnp.float32), l2_clip_norm=self.l2_clip_norm, transform=self.transform
+        )
+
+    def iter_blocks(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+        """One pass over all rows: (bounded x (R, d), labels (R,), mask (R,)), R fixed."""
+        if self.cached:
+            n = self.num_examples
+            rows = max(_round_up(n, self.chunk_rows), self.chunk_rows)
+            yield _pad(self._x, self._y, rows)
+            return
+        seen = 0
+        for feats, labels in self.data.iter_chunks():
+            seen += len(labels)
+            yield _pad(np.asarray(self._bound_chunk(feats)), labels, self.chunk_rows)
+        if seen != self.num_examples:
+            raise AssertionError(f"read {seen} rows, store has {self.num_examples}")
+
+    def poisson_batch(
+        self, stream: KeyStream, step: int, sampling_prob: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The rows sampled at `step` (exact Poisson sampling; possibly empty)."""
+        q = jnp.float32(sampling_prob)
+        if self.cached:
+            if self.num_chunks == 0:
+                return self._x, self._y
+            masks = poisson_masks(
+                stream.base, jnp.arange(self.num_chunks), step, q, chunk_rows=self.chunk_rows
+            )
+            idx = np.flatnonzero(np.asarray(masks).reshape(-1)[: self.num_examples])
+            return self._x[idx], self._y[idx]
+        xs, ys = [], []
+        for c, (feats, labels) in enumerate(self.data.iter_chunks()):
+            mask = poisson_masks(stream.base, jnp.array([c]), step, q, chunk_rows=self.chunk_rows)
+            sel = np.flatnonzero(np.asarray(mask)[0, : len(labels)])
+            if sel.size:
+                xs.append(np.asarray(self._bound_chunk(feats))[sel])
+                ys.append(np.asarray(labels, np.int32)[sel])
+        if not xs:
+            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int32)
+        return np.concatenate(xs), np.concatenate(ys)
+
+
+def _pad(x, y, rows: int):
+    n = len(y)
+    mask = np.zeros(rows, np.float32)
+    mask[:n] = 1.0
+    if n < rows:
+        x = np.concatenate([np.asarray(x, np.float32), np.zeros((rows - n, x.shape[1]), np.float32)])
+        y = np.concatenate([np.asarray(y, np.int32), np.zeros(rows - n, np.int32)])
+    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
+
+
+def sub_batch_rows(expected_batch: float) -> int:
+    """A fixed jit shape that holds a Poisson batch of this mean in one piece w.h.p."""
+    return _round_up(int(expected_batch + 6 * math.sqrt(expected_batch) + 16), 64)
+
+
+def batch_grad_sum(params, x, y, *, rows: int, l2_grad_clip: float, bias_scale: float = 1.0):
+    """Clipped gradient sum of a (ragged, possibly empty) batch, in fixed-shape pieces."""
+    gw = jnp.zeros_like(params["weights"])
+    gb = jnp.zeros_like(params["bias"])
+    for start in range(0, len(y), rows):
+        xb, yb, mb = _pad(x[start : start + rows], y[start : start + rows], rows)
+        dw, db = _clipped_grad_sum_jit(
+            params["weights"],
+            params["bias"],
+            xb,
+            yb,
+            mb,
+            l2_grad_clip=float(l2_grad_clip),
+            bias_scale=float(bias_scale),
+        )
+        gw, gb = gw + dw, gb + db
+    return gw, gb
+
+
+def full_grad_sum(params, rows: BoundedRows, *, l2_grad_clip: float, bias_scale: float = 1.0):
+    """Clipped gradient sum over every training row: one pass over the data."""
+    gw = jnp.zeros_like(params["weights"])
+    gb = jnp.zeros_like(params["bias"])
+    for xb, yb, mb in rows.iter_blocks():
+        dw, db = _clipped_grad_sum_jit(
+            params["weights"],
+            params["bias"],
+            xb,
+            yb,
+            mb,
+            l2_grad_clip=float(l2_grad_clip),
+            bias_scale=float(bias_scale),
+        )
+        gw, gb = gw + dw, gb + db
+    return gw, gb
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_common(name: str, head) -> None:
+    """Errors that name the hyperparameter at fault, shared by both heads."""
+    if not head.l2_clip_norm > 0:
+        raise ValueError(f"{name}: l2_clip_norm must be > 0, got {head.l2_clip_norm!r}")
+    if head.feature_transform not in FEATURE_TRANSFORMS:
+        raise ValueError(
+            f"{name}: feature_transform {head.feature_transform!r} unknown; "
+            f"use one of {FEATURE_TRANSFORMS}"
+        )
+    if not head.l2_grad_clip > 0:
+        raise ValueError(f"{name}: l2_grad_clip must be > 0, got {head.l2_grad_clip!r}")
+    if not head.learning_rate > 0:
+        raise ValueError(f"{name}: learning_rate must be > 0, got {head.learning_rate!r}")
+    if not head.max_in_memory_bytes >= 0:
+        raise ValueError(
+            f"{name}: max_in_memory_bytes must be >= 0, got {head.max_in_memory_bytes!r}"
+        )
+    if head.accountant not in ACCOUNTANTS:
+        raise ValueError(f"{name}: accountant must be one of {ACCOUNTANTS}, got {head.accountant!r}")
+    if head.noise_multiplier is not None and not head.noise_multiplier > 0:
+        raise ValueError(f"{name}: noise_multiplier must be > 0, got {head.noise_multiplier!r}")
