@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -18,6 +19,10 @@ from pipeline_lib.heads.stats import load_stats
 from pipeline_lib.privacy import accounting
 
 COVERED = "the released head weights (head.npz), computed from the training split"
+
+
+def _wants_num_examples(head) -> bool:
+    return "num_examples" in inspect.signature(head.calibrate).parameters
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
@@ -69,7 +74,10 @@ def run_head(
         eps, delta = float(spec["epsilon"]), float(spec["delta"])
         accounting.check_budget(eps, delta, train.num_examples)
         t = time.perf_counter()
-        head = head.calibrate(epsilon=eps, delta=delta)
+        # N is data-dependent, so it is a call-time argument, never a config field; only
+        # heads whose sampling rate depends on it (Poisson-sampled SGD) ask for it.
+        extra = {"num_examples": train.num_examples} if _wants_num_examples(head) else {}
+        head = head.calibrate(epsilon=eps, delta=delta, **extra)
         timings["calibrate"] = time.perf_counter() - t
         spent = accounting.epsilon_of(head.dp_event(), delta, head.accountant)
         if spent > eps:
