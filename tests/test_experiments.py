@@ -64,7 +64,12 @@ def test_default_experiments_file_expands():
         (("delta",), 1.5, r"experiment 'e1': target delta must be in \(0, 1\)"),
         (("seeds",), [1, 1], "distinct"),
         (("accountant",), "zcdp", r"accountant='zcdp'; allowed: \['pld', 'rdp'\]"),
-        (("methods", "dp_sgd"), {}, r"methods.dp_sgd: unknown method"),
+        (("methods", "dp_magic"), {}, r"methods.dp_magic: unknown method"),
+        (
+            ("methods", "dp_sgd"),
+            {"num_examples": 5},
+            r"unknown hyperparameter\(s\) \['num_examples'\]",
+        ),
         (("methods", "dp_ls", "l2_clip_norm"), -1, "l2_clip_norm must be > 0"),
         (("methods", "dp_ls", "lambda"), 1, r"unknown hyperparameter\(s\) \['lambda'\]"),
         (("baselines", "dp_ls"), {}, "dp_ls is private"),

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline_lib.heads.dp_fc import DPFeatureCovariance
 from pipeline_lib.heads.dp_ls import DPLeastSquares
+from pipeline_lib.heads.dp_sgd import DPSGDLogistic
 from pipeline_lib.heads.nonprivate import NonPrivateLogistic, NonPrivateRidge
 
-HEADS = {cls.name: cls for cls in (DPLeastSquares, NonPrivateRidge, NonPrivateLogistic)}
+HEADS = {
+    cls.name: cls
+    for cls in (
+        DPLeastSquares,
+        DPFeatureCovariance,
+        DPSGDLogistic,
+        NonPrivateRidge,
+        NonPrivateLogistic,
+    )
+}
 # Heads fitted from cached sufficient statistics (X^T X, X^T Y); the others stream the store.
 STATS_HEADS = ("dp_ls", "nonprivate_ridge")
 
@@ -17,7 +28,9 @@ def make_head(method: str, hyperparameters: dict | None = None, *, where: str = 
     if method not in HEADS:
         raise ValueError(f"{where}: unknown method {method!r}; known methods: {sorted(HEADS)}")
     cls = HEADS[method]
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "noise_multiplier"]
+    # Fields set by calibrate() (noise multipliers, N) are never taken from the config.
+    calibrated = getattr(cls, "CALIBRATION_FIELDS", ("noise_multiplier",))
+    allowed = [f.name for f in dataclasses.fields(cls) if f.name not in calibrated]
     params = dict(hyperparameters or {})
     unknown = sorted(set(params) - set(allowed))
     if unknown:

@@ -34,6 +34,7 @@ takes ``num_examples`` and records it; `fit` refuses data of another size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from functools import partial
@@ -60,7 +61,8 @@ class DPSGDLogistic:
     batch_size: int = 2048  # expected (public) batch size; q = batch_size / N
     epochs: float = 20.0  # T = ceil(epochs * N / batch_size) steps
     optimizer: str = "sgd"  # "sgd" (with momentum) or "adam"
-    learning_rate: float = 2.0
+    learning_rate: float = 4.0
+    lr_schedule: str = "constant"  # "constant" or "cosine" (decay to 0 over the T steps)
     momentum: float = 0.9  # sgd only
     accountant: str = "pld"
     max_in_memory_bytes: float = 2e9  # cache bounded features when N * d * 4 fits
@@ -80,6 +82,10 @@ class DPSGDLogistic:
         if self.optimizer not in ldp.OPTIMIZERS:
             raise ValueError(
                 f"{NAME}: optimizer {self.optimizer!r} unknown; use one of {ldp.OPTIMIZERS}"
+            )
+        if self.lr_schedule not in ldp.LR_SCHEDULES:
+            raise ValueError(
+                f"{NAME}: lr_schedule {self.lr_schedule!r} unknown; use one of {ldp.LR_SCHEDULES}"
             )
         if not 0 <= self.momentum < 1:
             raise ValueError(f"{NAME}: momentum must be in [0, 1), got {self.momentum!r}")
@@ -134,22 +140,15 @@ class DPSGDLogistic:
     def calibrate(self, *, epsilon: float, delta: float, num_examples: int) -> DPSGDLogistic:
         """Smallest noise multiplier with spent epsilon <= target for N = num_examples.
 
-        The bracket comes from a quick RDP calibration (RDP overstates epsilon,
-        so its multiplier is an upper bound for PLD's); the final search and the
-        reported epsilon use the configured accountant.
+        The search starts from the Gaussian-DP central-limit approximation
+        (no accountant call); the search itself and the spent epsilon use the
+        configured accountant.
         """
         n = self._check_num_examples(num_examples)
         accounting.check_budget(epsilon, delta, n)
-        guess = 1.0
-        if self.accountant != "rdp":
-            guess = accounting.calibrate_noise_scale(
-                lambda s: self._event(s, n),
-                target_epsilon=epsilon,
-                target_delta=delta,
-                accountant="rdp",
-                initial_guess=1.0,
-                rel_tol=1e-2,
-            ).noise_scale
+        q, steps = self.sampling_prob(n), self.num_steps(n)
+        target_mu = 1.0 / dp_accounting.get_sigma_gaussian(epsilon, delta)
+        guess = ldp.solve_scale(lambda s: ldp.gdp_mu(q, steps, s), target_mu)
         cal = accounting.calibrate_noise_scale(
             lambda s: self._event(s, n),
             target_epsilon=epsilon,
@@ -161,10 +160,13 @@ class DPSGDLogistic:
 
     # ------------------------------------------------------------------ training
 
-    def make_optimizer(self) -> optax.GradientTransformation:
+    def make_optimizer(self, num_steps: int) -> optax.GradientTransformation:
+        lr = self.learning_rate
+        if self.lr_schedule == "cosine":
+            lr = optax.cosine_decay_schedule(self.learning_rate, num_steps)
         if self.optimizer == "adam":
-            return optax.adam(self.learning_rate)
-        return optax.sgd(self.learning_rate, momentum=self.momentum or None)
+            return optax.adam(lr)
+        return optax.sgd(lr, momentum=self.momentum or None)
 
     def fit(self, data, *, seed: int, on_step: Callable | None = None) -> dict[str, np.ndarray]:
         """Train on `data` (FeatureStore or InMemoryFeatures); returns weights (d, K), bias (K,).
@@ -189,31 +191,38 @@ class DPSGDLogistic:
         q, steps = self.sampling_prob(n), self.num_steps(n)
         sub_rows = ldp.sub_batch_rows(self.batch_size)
         params = {"weights": jnp.zeros((d, k), jnp.float32), "bias": jnp.zeros(k, jnp.float32)}
-        opt = self.make_optimizer()
+        opt = self.make_optimizer(steps)
         state = opt.init(params)
         sampler = ldp.KeyStream(seed, f"{NAME}/poisson")
         noise_keys = ldp.KeyStream(seed, f"{NAME}/gradient")
+        uncalibrated = dataclasses.replace(self, noise_multiplier=None, num_examples=None)
         update = partial(
-            _noisy_update,
-            opt=opt,
-            noise_std=float(s * self.l2_grad_clip),
-            batch_size=float(self.batch_size),
+            _update_fn(uncalibrated, steps), noise_std=jnp.float32(s * self.l2_grad_clip)
         )
         for t in range(steps):
-            x, y = rows.poisson_batch(sampler, t, q)
-            gw, gb = ldp.batch_grad_sum(params, x, y, rows=sub_rows, l2_grad_clip=self.l2_grad_clip)
+            gw, gb = rows.sampled_grad_sum(
+                params, sampler, t, q, sub_rows=sub_rows, l2_grad_clip=self.l2_grad_clip
+            )
             params, state, noisy = update(params, state, gw, gb, noise_keys.base, t)
             if on_step is not None:
                 on_step(t, {"weights": gw, "bias": gb}, noisy)
         return {key: np.asarray(v, np.float32) for key, v in params.items()}
 
 
-@partial(jax.jit, static_argnames=("opt", "noise_std", "batch_size"))
-def _noisy_update(params, state, gw, gb, noise_base, step, *, opt, noise_std, batch_size):
-    """Add per-class noise to the clipped sum, divide by the public batch size, step."""
-    d, k = gw.shape
-    z = noise_std * ldp.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
-    noisy = {"weights": gw + z[:, :d].T, "bias": gb + z[:, d]}
-    grads = jax.tree.map(lambda g: g / batch_size, noisy)
-    updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, noisy
+@functools.lru_cache(maxsize=16)
+def _update_fn(head: DPSGDLogistic, num_steps: int):
+    """One jitted step per (optimizer settings, T), so repeated fits compile once."""
+    opt = head.make_optimizer(num_steps)
+    batch_size = float(head.batch_size)
+
+    @jax.jit
+    def update(params, state, gw, gb, noise_base, step, *, noise_std):
+        """Add per-class noise to the clipped sum, divide by the public batch size, step."""
+        d, k = gw.shape
+        z = noise_std * ldp.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
+        noisy = {"weights": gw + z[:, :d].T, "bias": gb + z[:, d]}
+        grads = jax.tree.map(lambda g: g / batch_size, noisy)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, noisy
+
+    return update

@@ -28,11 +28,14 @@ features in memory, when N * d * 4 bytes <= ``max_in_memory_bytes``, or
 streams the store chunk by chunk on every pass (memory O(chunk d + d K)).
 
 Poisson sampling is exact: at step t, row j of chunk c is in the batch iff
-u < q for u ~ U[0, 1) drawn with the key fold_in(seed, release, index=c,
-step=t) (the `noise.release_key` layout), at position j. Every example gets an
-independent Bernoulli(q) draw at every step, reproducible from (seed, step),
-and the cached and streamed paths select exactly the same rows. An empty
-batch is allowed: its gradient sum is zero and the noise is still added.
+u < q' for u ~ U[0, 1) drawn with the key fold_in(seed, release, index=c,
+step=t) (the `noise.release_key` layout), at position j; q' is q rounded down
+to the 2^-23 grid of float32 uniforms, so P(in batch) = q' <= q exactly and
+accounting with q is conservative. Every example gets an independent
+Bernoulli draw at every step, reproducible from (seed, step) (for a fixed
+chunk_rows), and the cached and streamed paths select exactly the same rows.
+An empty batch is allowed: its gradient sum is zero and the noise is still
+added. The sampling is data-independent (keys only), as the analysis requires.
 
 Noise keys
 ----------
@@ -58,6 +61,7 @@ from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
 
 _SHRINK = 1.0 - 1e-6  # clipped gradient norms end strictly below G, as in bound_rows
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 # --------------------------------------------------------------------------- gradients
@@ -122,12 +126,28 @@ def per_class_normal(base, step, *, num_classes: int, dim: int):
     return jax.vmap(lambda kk: jax.random.normal(kk, (dim,), jnp.float32))(keys)
 
 
+_UNIFORM_GRID = 2.0**-23  # jax.random.uniform (float32) returns multiples of 2^-23 in [0, 1)
+
+
+def bernoulli_threshold(sampling_prob: float) -> jax.Array:
+    """The largest t <= q on the uniform grid: P(u < t) = t <= q exactly.
+
+    The realised sampling probability never exceeds the q in the DpEvent
+    (Poisson-subsampled epsilon grows with q, so accounting with q is
+    conservative), and it is below q by less than 2^-23.
+    """
+    return jnp.float32(math.floor(sampling_prob / _UNIFORM_GRID) * _UNIFORM_GRID)
+
+
 @partial(jax.jit, static_argnames=("chunk_rows",))
-def poisson_masks(base, chunk_ids, step, sampling_prob, *, chunk_rows: int):
-    """(len(chunk_ids), chunk_rows) bool: row j of chunk c is sampled at this step."""
+def poisson_masks(base, chunk_ids, step, threshold, *, chunk_rows: int):
+    """(len(chunk_ids), chunk_rows) bool: row j of chunk c is sampled at this step.
+
+    `threshold` comes from `bernoulli_threshold(q)`.
+    """
 
     def one(c):
-        return jax.random.uniform(KeyStream.derive(base, c, step), (chunk_rows,)) < sampling_prob
+        return jax.random.uniform(KeyStream.derive(base, c, step), (chunk_rows,)) < threshold
 
     return jax.vmap(one)(chunk_ids)
 
@@ -148,8 +168,9 @@ class BoundedRows:
     """Training rows with features bounded to norm <= C, cached or streamed.
 
     `data` is a `FeatureStore` or `InMemoryFeatures` (the shared read
-    interface). The bounded features are cached (float32, N x d) only when
-    N * d * 4 <= max_in_memory_bytes; otherwise every pass re-reads the store.
+    interface). The bounded features are cached (float32, padded to whole
+    chunks, with a validity mask) only when N * d * 4 <= max_in_memory_bytes;
+    otherwise every pass re-reads the store chunk by chunk.
     """
 
     def __init__(self, data, *, l2_clip_norm: float, transform: str, max_in_memory_bytes: float):
@@ -159,28 +180,32 @@ class BoundedRows:
         self.feature_dim, self.num_classes = int(data.feature_dim), int(data.num_classes)
         self.chunk_rows, self.num_chunks = int(data.chunk_rows), int(data.num_chunks)
         self.cached = self.num_examples * self.feature_dim * 4 <= max_in_memory_bytes
-        self._x = self._y = None
         if self.cached:
-            xs, ys = [], []
+            padded = max(self.num_chunks, 1) * self.chunk_rows
+            x = np.zeros((padded, self.feature_dim), np.float32)
+            y = np.zeros(padded, np.int32)
+            seen = 0
             for feats, labels in data.iter_chunks():
-                xs.append(np.asarray(self._bound_chunk(feats)))
-                ys.append(np.asarray(labels, np.int32))
-            self._x = np.concatenate(xs) if xs else np.zeros((0, self.feature_dim), np.float32)
-            self._y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
-            if len(self._y) != self.num_examples:  # one pass, each example once
-                raise AssertionError(f"read {len(self._y)} rows, store has {self.num_examples}")
+                x[seen : seen + len(labels)] = np.asarray(self._bound_chunk(feats))
+                y[seen : seen + len(labels)] = labels
+                seen += len(labels)
+            if seen != self.num_examples:  # one pass, each example once
+                raise AssertionError(f"read {seen} rows, store has {self.num_examples}")
+            mask = np.zeros(padded, np.float32)
+            mask[:seen] = 1.0
+            self._x, self._y, self._mask = jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
 
     def _bound_chunk(self, feats) -> jax.Array:
         return _bound(
-            jnp.asarray(feats, jnp.float32), l2_clip_norm=self.l2_clip_norm, transform=self.transform
+            jnp.asarray(feats, jnp.float32),
+            l2_clip_norm=self.l2_clip_norm,
+            transform=self.transform,
         )
 
     def iter_blocks(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
         """One pass over all rows: (bounded x (R, d), labels (R,), mask (R,)), R fixed."""
         if self.cached:
-            n = self.num_examples
-            rows = max(_round_up(n, self.chunk_rows), self.chunk_rows)
-            yield _pad(self._x, self._y, rows)
+            yield self._x, self._y, self._mask
             return
         seen = 0
         for feats, labels in self.data.iter_chunks():
@@ -189,29 +214,80 @@ class BoundedRows:
         if seen != self.num_examples:
             raise AssertionError(f"read {seen} rows, store has {self.num_examples}")
 
-    def poisson_batch(
-        self, stream: KeyStream, step: int, sampling_prob: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The rows sampled at `step` (exact Poisson sampling; possibly empty)."""
-        q = jnp.float32(sampling_prob)
+    def _chunk_mask(self, stream: KeyStream, step: int, q: float, chunk: int) -> np.ndarray:
+        ids = jnp.array([chunk])
+        return np.asarray(poisson_masks(stream.base, ids, step, q, chunk_rows=self.chunk_rows))[0]
+
+    def poisson_indices(self, stream: KeyStream, step: int, sampling_prob: float) -> np.ndarray:
+        """Global row indices sampled at `step`: one independent Bernoulli(q) per row."""
+        q = bernoulli_threshold(sampling_prob)
+        if self.num_chunks == 0:
+            return np.zeros(0, np.int64)
         if self.cached:
-            if self.num_chunks == 0:
-                return self._x, self._y
-            masks = poisson_masks(
-                stream.base, jnp.arange(self.num_chunks), step, q, chunk_rows=self.chunk_rows
-            )
-            idx = np.flatnonzero(np.asarray(masks).reshape(-1)[: self.num_examples])
-            return self._x[idx], self._y[idx]
+            ids = jnp.arange(self.num_chunks)
+            masks = poisson_masks(stream.base, ids, step, q, chunk_rows=self.chunk_rows)
+            return np.flatnonzero(np.asarray(masks).reshape(-1)[: self.num_examples])
+        parts = []
+        for c, n in enumerate(self.data.chunk_sizes()):
+            sel = np.flatnonzero(self._chunk_mask(stream, step, q, c)[:n])
+            parts.append(c * self.chunk_rows + sel)
+        return np.concatenate(parts)
+
+    def sampled_grad_sum(
+        self,
+        params,
+        stream: KeyStream,
+        step: int,
+        sampling_prob: float,
+        *,
+        sub_rows: int,
+        l2_grad_clip: float,
+        bias_scale: float = 1.0,
+    ):
+        """Clipped gradient sum over this step's Poisson batch (ragged, possibly empty).
+
+        Cached: the sampled indices are gathered inside jit in fixed-size
+        pieces. Streamed: one pass over the store, keeping the sampled rows
+        of each chunk; the batch (expected size q N, a public hyperparameter)
+        is the only thing held in memory.
+        """
+        kw = dict(l2_grad_clip=float(l2_grad_clip), bias_scale=float(bias_scale))
+        gw = jnp.zeros_like(params["weights"])
+        gb = jnp.zeros_like(params["bias"])
+        if self.cached:
+            idx = self.poisson_indices(stream, step, sampling_prob)
+            for start in range(0, len(idx), sub_rows):
+                piece = idx[start : start + sub_rows]
+                take = np.zeros(sub_rows, np.int32)
+                take[: len(piece)] = piece
+                valid = np.zeros(sub_rows, np.float32)
+                valid[: len(piece)] = 1.0
+                dw, db = _gathered_grad_sum(
+                    params["weights"], params["bias"], self._x, self._y, take, valid, **kw
+                )
+                gw, gb = gw + dw, gb + db
+            return gw, gb
+        q = bernoulli_threshold(sampling_prob)
         xs, ys = [], []
         for c, (feats, labels) in enumerate(self.data.iter_chunks()):
-            mask = poisson_masks(stream.base, jnp.array([c]), step, q, chunk_rows=self.chunk_rows)
-            sel = np.flatnonzero(np.asarray(mask)[0, : len(labels)])
+            sel = np.flatnonzero(self._chunk_mask(stream, step, q, c)[: len(labels)])
             if sel.size:
                 xs.append(np.asarray(self._bound_chunk(feats))[sel])
                 ys.append(np.asarray(labels, np.int32)[sel])
-        if not xs:
-            return np.zeros((0, self.feature_dim), np.float32), np.zeros(0, np.int32)
-        return np.concatenate(xs), np.concatenate(ys)
+        x = np.concatenate(xs) if xs else np.zeros((0, self.feature_dim), np.float32)
+        y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
+        for start in range(0, len(y), sub_rows):
+            xb, yb, mb = _pad(x[start : start + sub_rows], y[start : start + sub_rows], sub_rows)
+            dw, db = _clipped_grad_sum_jit(params["weights"], params["bias"], xb, yb, mb, **kw)
+            gw, gb = gw + dw, gb + db
+        return gw, gb
+
+
+@partial(jax.jit, static_argnames=("l2_grad_clip", "bias_scale"))
+def _gathered_grad_sum(weights, bias, x, y, take, valid, *, l2_grad_clip, bias_scale):
+    return clipped_grad_sum(
+        weights, bias, x[take], y[take], valid, l2_grad_clip=l2_grad_clip, bias_scale=bias_scale
+    )
 
 
 def _pad(x, y, rows: int):
@@ -219,7 +295,9 @@ def _pad(x, y, rows: int):
     mask = np.zeros(rows, np.float32)
     mask[:n] = 1.0
     if n < rows:
-        x = np.concatenate([np.asarray(x, np.float32), np.zeros((rows - n, x.shape[1]), np.float32)])
+        x = np.concatenate(
+            [np.asarray(x, np.float32), np.zeros((rows - n, x.shape[1]), np.float32)]
+        )
         y = np.concatenate([np.asarray(y, np.int32), np.zeros(rows - n, np.int32)])
     return jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
 
@@ -229,41 +307,66 @@ def sub_batch_rows(expected_batch: float) -> int:
     return _round_up(int(expected_batch + 6 * math.sqrt(expected_batch) + 16), 64)
 
 
-def batch_grad_sum(params, x, y, *, rows: int, l2_grad_clip: float, bias_scale: float = 1.0):
-    """Clipped gradient sum of a (ragged, possibly empty) batch, in fixed-shape pieces."""
-    gw = jnp.zeros_like(params["weights"])
-    gb = jnp.zeros_like(params["bias"])
-    for start in range(0, len(y), rows):
-        xb, yb, mb = _pad(x[start : start + rows], y[start : start + rows], rows)
-        dw, db = _clipped_grad_sum_jit(
-            params["weights"],
-            params["bias"],
-            xb,
-            yb,
-            mb,
-            l2_grad_clip=float(l2_grad_clip),
-            bias_scale=float(bias_scale),
-        )
-        gw, gb = gw + dw, gb + db
-    return gw, gb
-
-
 def full_grad_sum(params, rows: BoundedRows, *, l2_grad_clip: float, bias_scale: float = 1.0):
     """Clipped gradient sum over every training row: one pass over the data."""
+    kw = dict(l2_grad_clip=float(l2_grad_clip), bias_scale=float(bias_scale))
     gw = jnp.zeros_like(params["weights"])
     gb = jnp.zeros_like(params["bias"])
     for xb, yb, mb in rows.iter_blocks():
-        dw, db = _clipped_grad_sum_jit(
-            params["weights"],
-            params["bias"],
-            xb,
-            yb,
-            mb,
-            l2_grad_clip=float(l2_grad_clip),
-            bias_scale=float(bias_scale),
-        )
+        if xb.shape[0] > rows.chunk_rows:  # the in-memory cache, in whole chunks
+            dw, db = _scanned_grad_sum(
+                params["weights"], params["bias"], xb, yb, mb, chunk_rows=rows.chunk_rows, **kw
+            )
+        else:
+            dw, db = _clipped_grad_sum_jit(params["weights"], params["bias"], xb, yb, mb, **kw)
         gw, gb = gw + dw, gb + db
     return gw, gb
+
+
+@partial(jax.jit, static_argnames=("chunk_rows", "l2_grad_clip", "bias_scale"))
+def _scanned_grad_sum(weights, bias, x, y, mask, *, chunk_rows, l2_grad_clip, bias_scale):
+    """Chunk by chunk, so each chunk is read for the logits and the gradient while cached."""
+    shape = (-1, chunk_rows)
+
+    def body(acc, chunk):
+        dw, db = clipped_grad_sum(
+            weights, bias, *chunk, l2_grad_clip=l2_grad_clip, bias_scale=bias_scale
+        )
+        return (acc[0] + dw, acc[1] + db), None
+
+    chunks = (x.reshape(*shape, x.shape[1]), y.reshape(shape), mask.reshape(shape))
+    init = (jnp.zeros_like(weights), jnp.zeros_like(bias))
+    return jax.lax.scan(body, init, chunks)[0]
+
+
+# --------------------------------------------------------------------------- calibration guesses
+
+
+def gdp_mu(sampling_prob: float, num_steps: int, noise_multiplier: float) -> float:
+    """Gaussian-DP mu of T (Poisson-subsampled) Gaussian steps, by the CLT of Dong et al.
+
+    mu = q sqrt(T (exp(1/s^2) - 1)) for q < 1, and exactly sqrt(T) / s for q = 1.
+    An approximation, used ONLY to seed the calibration search: the
+    configured dp_accounting accountant decides the noise and the epsilon.
+    """
+    if sampling_prob >= 1.0:
+        return math.sqrt(num_steps) / noise_multiplier
+    inv_sq = noise_multiplier**-2.0
+    if inv_sq > 700:  # exp overflows: effectively no privacy
+        return math.inf
+    return sampling_prob * math.sqrt(num_steps * math.expm1(inv_sq))
+
+
+def solve_scale(mu_of_scale, target_mu: float) -> float:
+    """The scale t with mu_of_scale(t) = target_mu (mu decreasing in t), by bisection."""
+    lo, hi = 1e-3, 1e6
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        if mu_of_scale(mid) > target_mu:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 # --------------------------------------------------------------------------- validation
@@ -287,6 +390,8 @@ def check_common(name: str, head) -> None:
             f"{name}: max_in_memory_bytes must be >= 0, got {head.max_in_memory_bytes!r}"
         )
     if head.accountant not in ACCOUNTANTS:
-        raise ValueError(f"{name}: accountant must be one of {ACCOUNTANTS}, got {head.accountant!r}")
+        raise ValueError(
+            f"{name}: accountant must be one of {ACCOUNTANTS}, got {head.accountant!r}"
+        )
     if head.noise_multiplier is not None and not head.noise_multiplier > 0:
         raise ValueError(f"{name}: noise_multiplier must be > 0, got {head.noise_multiplier!r}")

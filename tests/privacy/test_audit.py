@@ -12,6 +12,8 @@ import dataclasses
 import math
 
 import dp_accounting
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
@@ -146,6 +148,31 @@ def test_gaussian_mechanism_many_samples_is_still_below_epsilon():
 
 
 # --------------------------------------------------------------------------
+# Heads: honest versus broken (noise multipliers / 10)
+
+
+def broken_copy(head):
+    """The calibrated head with every noise multiplier divided by 10."""
+    broken = dataclasses.replace(head, noise_multiplier=head.noise_multiplier / 10)
+    for key, value in head.noise_multipliers().items():
+        assert broken.noise_multipliers()[key] == pytest.approx(value / 10)
+    return broken
+
+
+def audit_honest_and_broken(name, make_run, head, *, epsilon, trials):
+    honest = audit(make_run(head), trials=trials, delta=DELTA)
+    broken = audit(make_run(broken_copy(head)), trials=trials, delta=DELTA, seed0=10**6)
+    print(
+        f"{name} eps={epsilon} trials={trials}: honest eps_lb={honest.epsilon_lower_bound:.3f}, "
+        f"broken eps_lb={broken.epsilon_lower_bound:.3f}, "
+        f"max detectable={honest.max_detectable_epsilon:.3f}"
+    )
+    assert honest.max_detectable_epsilon > epsilon + 1  # the audit could have flagged it
+    assert honest.epsilon_lower_bound < epsilon
+    assert broken.epsilon_lower_bound > epsilon
+
+
+# --------------------------------------------------------------------------
 # DP-LS: the real release code
 
 
@@ -202,14 +229,157 @@ def dp_ls_mechanism(head: DPLeastSquares, *, d=3, k=2):
 
 @pytest.mark.slow
 def test_dp_ls_release_audit():
-    epsilon, trials = 2.0, 1000
+    """Both releases, audited together with the Neyman-Pearson attack.
+
+    With the likelihood-ratio score the canary's direction does not matter
+    (its signal is ||x_c||^4 / sigma_1^2 + ||x_c||^2 / sigma_2^2); what does
+    is that clipping holds it to ||x_c|| = C.
+    """
+    epsilon = 2.0
     head = DPLeastSquares(l2_clip_norm=1.0, feature_transform="clip").calibrate(
         epsilon=epsilon, delta=DELTA
     )
-    honest = audit(dp_ls_mechanism(head), trials=trials, delta=DELTA)
-    broken_head = dataclasses.replace(head, noise_multiplier=head.noise_multiplier / 10)
-    broken = audit(dp_ls_mechanism(broken_head), trials=trials, delta=DELTA, seed0=10**6)
-    print(f"dp_ls eps={epsilon}: honest {honest}, broken {broken}")
-    assert honest.max_detectable_epsilon > epsilon + 2  # the audit could have flagged it
-    assert honest.epsilon_lower_bound < epsilon
-    assert broken.epsilon_lower_bound > epsilon
+    audit_honest_and_broken("dp_ls", dp_ls_mechanism, head, epsilon=epsilon, trials=750)
+
+
+# --------------------------------------------------------------------------
+# Logistic-loss heads: fit many times on D and D + canary, score the weights
+#
+# The canary has raw norm 100 (clipping must bound it) and label 1. With K = 2
+# its clipped gradient at W = 0 moves column 1 of W along its feature u and
+# column 0 against it, so the score u . (W[:, 1] - W[:, 0]) carries its
+# signal. The difference of the two columns also cancels any noise shared by
+# the classes (the reference code's bug): such a bug would be flagged.
+
+CANARY_LABEL = 1
+
+
+def circle_data(n, seed=0):
+    """n/2 features spread in angle (a well-conditioned Gram/Hessian), each with both labels.
+
+    Pairing the labels makes D's gradient vanish at W = 0, so D adds no
+    variance to the score through the noisy preconditioner or Hessian.
+    """
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, n // 2)
+    x = np.stack([np.cos(angle), np.sin(angle)], axis=1).astype(np.float32)
+    return np.repeat(x, 2, axis=0), np.tile(np.array([0, 1], np.int32), n // 2)
+
+
+def axis_data(n, seed=0):
+    """Features on +-e1 only: D's gradients never touch the e2 row of W."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 2), np.float32)
+    x[:, 0] = rng.choice([-1.0, 1.0], n)
+    return x, rng.integers(0, 2, n).astype(np.int32)
+
+
+def neighbours(x, y, direction):
+    """(D, D + canary) as InMemoryFeatures; the canary's raw norm is 100."""
+    xc, yc = _with_canary(x, y, (100.0 * direction).astype(np.float32), CANARY_LABEL)
+    return InMemoryFeatures(x, y, num_classes=2), InMemoryFeatures(xc, yc, num_classes=2)
+
+
+def fit_mechanism(head_without, head_with, data_without, data_with, direction):
+    def run(include_canary: bool, seed: int) -> float:
+        if include_canary:
+            w = head_with.fit(data_with, seed=seed)["weights"]
+        else:
+            w = head_without.fit(data_without, seed=seed)["weights"]
+        return float(direction @ (w[:, 1] - w[:, 0]))
+
+    return run
+
+
+@pytest.mark.slow
+def test_dp_newton_fit_audit():
+    """One Newton step (gradient + Hessian releases), bias feature 0.25.
+
+    The bias column shares the canary's clipped gradient; a small b0 keeps
+    most of it on the feature weights, where the score looks.
+    """
+    dp_newton = pytest.importorskip("pipeline_lib.heads.dp_newton")
+    epsilon = 2.0
+    head = dp_newton.DPNewton(num_steps=1, bias_feature=0.25, hessian_noise_ratio=2.0).calibrate(
+        epsilon=epsilon, delta=DELTA
+    )
+    u = np.array([0.6, 0.8])
+    d0, d1 = neighbours(*circle_data(100), u)
+
+    def make_run(h):
+        return fit_mechanism(h, h, d0, d1, u)
+
+    audit_honest_and_broken("dp_newton", make_run, head, epsilon=epsilon, trials=400)
+
+
+@pytest.mark.slow
+def test_dp_fc_fit_audit():
+    """Covariance release + 2 full-batch preconditioned gradient steps."""
+    dp_fc = pytest.importorskip("pipeline_lib.heads.dp_fc")
+    epsilon = 2.0
+    head = dp_fc.DPFeatureCovariance(
+        num_steps=2, bias_scale=0.25, l2_grad_clip=0.5, covariance_share=0.25
+    ).calibrate(epsilon=epsilon, delta=DELTA)
+    u = np.array([0.6, 0.8])
+    d0, d1 = neighbours(*circle_data(100), u)
+
+    def make_run(h):
+        return fit_mechanism(h, h, d0, d1, u)
+
+    audit_honest_and_broken("dp_fc", make_run, head, epsilon=epsilon, trials=400)
+
+
+@pytest.mark.slow
+def test_dp_sgd_fit_audit():
+    """Two Poisson-sampled DP-SGD steps with momentum.
+
+    q = batch_size / N comes from the data's size, so D + canary (N + 1
+    examples) runs with the same noise multiplier and q' = B / (N + 1) < q
+    and the same number of steps: no more private than what the accountant
+    was told for D. D lies on the e1 axis, so only noise and the canary move
+    the e2 row of W; with B = N the canary is sampled at each step w.p. N/(N+1).
+    """
+    dp_sgd = pytest.importorskip("pipeline_lib.heads.dp_sgd")
+    epsilon, n = 2.0, 20
+    head = dp_sgd.DPSGDLogistic(
+        batch_size=n, epochs=1.5, l2_clip_norm=4.0, l2_grad_clip=0.5, learning_rate=1.0
+    ).calibrate(epsilon=epsilon, delta=DELTA, num_examples=n)
+    assert head.num_steps(n) == head.num_steps(n + 1) == 2
+    e2 = np.array([0.0, 1.0])
+    d0, d1 = neighbours(*axis_data(n), e2)
+
+    def make_run(h):
+        return fit_mechanism(h, dataclasses.replace(h, num_examples=n + 1), d0, d1, e2)
+
+    audit_honest_and_broken("dp_sgd", make_run, head, epsilon=epsilon, trials=400)
+
+
+@pytest.mark.slow
+def test_audit_flags_noise_shared_across_classes(monkeypatch):
+    """The reference code's bug (one noise draw for every class), put into DP-FC.
+
+    At the honest noise multipliers the class-difference score cancels the
+    shared gradient noise, so the audit flags the head at once.
+    """
+    dp_fc = pytest.importorskip("pipeline_lib.heads.dp_fc")
+    ldp = pytest.importorskip("pipeline_lib.heads.logistic_dp")
+    epsilon = 2.0
+    head = dp_fc.DPFeatureCovariance(
+        num_steps=2, bias_scale=0.25, l2_grad_clip=0.5, covariance_share=0.25
+    ).calibrate(epsilon=epsilon, delta=DELTA)
+    u = np.array([0.6, 0.8])
+    d0, d1 = neighbours(*circle_data(100), u)
+    per_class_normal = ldp.per_class_normal
+
+    def shared_normal(base, step, *, num_classes, dim):
+        row = per_class_normal(base, step, num_classes=1, dim=dim)
+        return jnp.tile(row, (num_classes, 1))
+
+    jax.clear_caches()  # the update is jitted: retrace it with the bug
+    monkeypatch.setattr(ldp, "per_class_normal", shared_normal)
+    try:
+        buggy = audit(fit_mechanism(head, head, d0, d1, u), trials=200, delta=DELTA)
+    finally:
+        jax.clear_caches()  # and never leave the buggy trace behind
+    print(f"dp_fc with shared class noise: eps_lb={buggy.epsilon_lower_bound:.3f}")
+    assert buggy.epsilon_lower_bound > epsilon
