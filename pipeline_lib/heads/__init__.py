@@ -6,6 +6,7 @@ import dataclasses
 
 from pipeline_lib.heads.dp_fc import DPFeatureCovariance
 from pipeline_lib.heads.dp_ls import DPLeastSquares
+from pipeline_lib.heads.dp_newton import DPNewton
 from pipeline_lib.heads.dp_sgd import DPSGDLogistic
 from pipeline_lib.heads.nonprivate import NonPrivateLogistic, NonPrivateRidge
 
@@ -13,6 +14,7 @@ HEADS = {
     cls.name: cls
     for cls in (
         DPLeastSquares,
+        DPNewton,
         DPFeatureCovariance,
         DPSGDLogistic,
         NonPrivateRidge,

@@ -1,74 +1,94 @@
 """DP-Newton: one-vs-all logistic regression fitted by T noisy Newton steps.
 
 Form: one-vs-all. Class k has its own binary logistic model w_k on the
-augmented feature x~ = [x, b0] (label y_k = 1[y = k]); the prediction is
+(augmented) feature x~ with label y_k = 1[y = k]; the prediction is
 argmax_k x~ . w_k. A multinomial Newton step needs the (dK) x (dK) Hessian,
 about 2.8e12 entries at K=1000, d=1664: infeasible to hold, to noise or to
-solve. One-vs-all needs K independent d x d Hessians, which can be built,
-noised and solved a block of classes at a time. The price is privacy: every
-example touches all K heads, so the sensitivities of the whole release carry
-a sqrt(K) factor (below).
+solve. One-vs-all needs K independent d x d Hessians, which are built, noised
+and solved a block of classes at a time. The price is privacy: every example
+touches all K heads, so the sensitivities of the per-class releases carry a
+sqrt(K) factor (below), which clipping to public fractions of it reduces.
 
 Notation (add-or-remove-one neighbouring relation):
 
 * x is the feature vector after `bound_rows`, so ||x|| <= C (C = l2_clip_norm,
   enforced by the transform, strictly, with a 1e-6 relative margin).
-* The bias is a constant public feature b0 = `bias_feature` appended to x
-  (b0 = 0 means no bias column). So ||x~|| <= R := sqrt(C^2 + b0^2).
+* Bias: optional. A constant public feature b0 = `bias_feature` is appended,
+  x~ = [x, b0] (b0 = 0, the default, appends nothing: no bias). So
+  ||x~|| <= R := sqrt(C^2 + b0^2). The default has no bias because b0 raises
+  R^2, hence the Hessian noise, by (C^2 + b0^2) / C^2, and with normalised
+  features (all of norm C) a direction of W already acts as an offset.
 * z = W^T x~ (K logits), p = sigmoid(z), Y = one-hot(y).
 * Residual r = p - Y: each |r_k| < 1 (p_k in (0, 1)), so ||r|| < sqrt(K)
-  before clipping. It is then CLIPPED to L2 norm <= B := rho sqrt(K), rho =
-  `residual_clip_fraction` in (0, 1] (with the same 1e-6 relative margin).
-  The bound used below is the enforced B, not the a-priori sqrt(K): even
-  rho = 1 clips. At the zero init ||r|| = sqrt(K)/2 exactly (every p_k =
-  1/2), and it shrinks as the heads fit, so rho = 1/2 changes nothing at the
-  first step and halves the gradient noise.
-* Hessian weights a_k = p_k (1 - p_k) = sigmoid'(z_k), clipped to [0, 1/4]
-  (the analytic maximum; the clip makes it hold for floats too).
+  a priori. It is CLIPPED to L2 norm <= B := rho sqrt(K), rho =
+  `residual_clip_fraction` in (0, 1] (1e-6 relative margin): the bound below
+  is the enforced B, not the a-priori sqrt(K). Even rho = 1 clips.
+* Hessian weights a_k = p_k (1 - p_k) = sigmoid'(z_k) <= 1/4, so a priori
+  ||a|| <= sqrt(K)/4 over the K classes. Each a_k is clipped to [0, 1/4] (the
+  analytic maximum, enforced for floats too) and the vector a to L2 norm <=
+  A := rho_h sqrt(K)/4, rho_h = `hessian_clip_fraction` in (0, 1].
 
-Releases, at every Newton step t = 0..T-1 (full batch: every example enters
-each release of each step exactly once):
+Releases. Newton step t = 0..T-1 uses W_t, which is post-processing of
+the steps before it (adaptive composition). Full batch: every example enters
+each release exactly once.
 
-* ``gradient`` G = sum_i x~_i r_i^T, a (d+1) x K matrix; column k is the
-  gradient of head k's logistic loss. One example adds x~ r^T, Frobenius norm
-  ||x~|| ||r|| <= R B. Noise: iid N(0, (s_g R B)^2) per entry; column k is
-  drawn with key (seed, "dp_newton/gradient", class k, step t).
-* ``hessian`` H_k = sum_i a_ik x~_i x~_i^T for all K classes. One example adds
-  a_k x~ x~^T to every H_k; the Frobenius norm of all K additions together is
-  ||x~||^2 sqrt(sum_k a_k^2) <= R^2 sqrt(K) / 4. Noise: iid N(0, (s_h R^2
-  sqrt(K)/4)^2) on every entry of the full (d+1) x (d+1) matrix H_k, with key
-  (seed, "dp_newton/hessian", class k, step t); then symmetrised (E + E^T)/2,
-  which is post-processing and halves the off-diagonal variance.
+* ``gradient`` (steps with per-class releases) G = sum_i x~_i r_i^T, a
+  (d+1) x K matrix; column k is the gradient of head k's logistic loss. One
+  example adds x~ r^T, Frobenius norm ||x~|| ||r|| <= R B. Noise: iid
+  N(0, (s_g R B)^2) per entry; column k is drawn with key
+  (seed, "dp_newton/gradient", class k, step t).
+* ``hessian`` H_k = sum_i a_ik x~_i x~_i^T for all K classes. One example
+  adds a_k x~ x~^T to every H_k; the Frobenius norm of all K additions
+  together is ||x~||^2 ||a|| <= R^2 A (= C^2 sqrt(K)/4 with rho_h = 1, b0 = 0:
+  C^2/4 per class). Noise: iid N(0, (s_h R^2 A)^2) on every entry of the full
+  (d+1) x (d+1) matrix H_k, key (seed, "dp_newton/hessian", class k, step t),
+  then symmetrised (E + E^T)/2: post-processing that halves the off-diagonal
+  variance.
+* Step 0 with ``shared_first_step`` (default). At W_0 = 0 every p_k = 1/2
+  exactly, so every a_k = 1/4 and r = 1/2 - Y whatever the data: H_k =
+  X~^T X~ / 4 for every k, and g_k = (1/2) X~^T 1 - (X~^T Y)_k with
+  X~^T 1 = sum_k (X~^T Y)_k (one-hot rows sum to 1). Step 0 therefore
+  releases only ``gram`` X~^T X~ (one example adds x~ x~^T, Frobenius norm
+  ||x~||^2 <= R^2; noise N(0, (s_h R^2)^2) per entry, one draw with key
+  (seed, "dp_newton/gram", 0, 0), symmetrised) and ``label_sums`` X~^T Y (one
+  example adds x~ e_y^T, norm ||x~|| <= R; noise N(0, (s_g R)^2), column k
+  with key (seed, "dp_newton/label_sums", class k, 0)), a sqrt(K)-fold (or
+  more) smaller sensitivity than the per-class releases, and one
+  eigendecomposition instead of K. (This makes step 0 a DP-LS solve onto the
+  targets 4 (Y - 1/2); it is still the exact Newton step from zero, not a
+  separate warm start.) Without it, step 0 uses the per-class releases,
+  whose clip factors at W = 0 are public constants (||r|| = sqrt(K)/2 and
+  ||a|| = sqrt(K)/4 for every example), and the released statistics are
+  divided by them (post-processing), so both modes take the same step.
 
 Each release is a Gaussian mechanism with noise multiplier s = stddev /
-sensitivity (independent of K, d and N, so calibration needs no data). Step t
-uses the weights W_t, which are post-processing of steps < t (adaptive
-composition). The whole head is
+sensitivity (independent of K, d and N, so calibration needs no data). Each
+step releases one gradient-type (s_g) and one Hessian-type (s_h) statistic,
+so the whole head is
 
     SelfComposedDpEvent(ComposedDpEvent([GaussianDpEvent(s_g),
                                          GaussianDpEvent(s_h)]), T)
 
 with s_h = hessian_noise_ratio * s_g; calibration finds s_g.
 
-Post-processing, per class (public quantities only, never N): project the
-noisy Hessian onto the PSD cone (clip negative eigenvalues), add
-lambda I with lambda = ridge_lambda + ridge_noise_factor * sigma_h *
-sqrt(d+1), sigma_h = s_h R^2 sqrt(K)/4 (the DP-LS rule: damping tied to the
-spectral scale of the Hessian noise), and add the public L2 penalty mu =
-`l2_penalty` of the objective sum_i loss + mu/2 ||w||^2 to both:
+Post-processing, per class, from public quantities only (never N): project
+the noisy Hessian onto the PSD cone (clip negative eigenvalues), add lambda I
+with lambda = ridge_lambda + ridge_noise_factor * sigma * sqrt(d+1), sigma the
+per-entry noise stddev of that step's Hessian (s_h R^2 A, or s_h R^2 / 4 for
+the shared first step's X~^T X~ / 4): the DP-LS rule, damping tied to the
+spectral scale of the noise. The public L2 penalty mu = `l2_penalty` of the
+objective sum_i loss_i + mu/2 ||w||^2 enters both gradient and Hessian:
 
     w_k <- w_k - step_size * (PSD(H_k) + (lambda + mu) I)^-1 (g_k + mu w_k).
 
-Zero init; at W = 0 the first step is a ridge regression onto 4 (Y - 1/2).
-
 Memory and passes: statistics are streamed chunk by chunk. Classes are
-processed in blocks of at most `hessian_class_block` classes, never more than
-`max_hessian_bytes` of float32 Hessian accumulators (block (d+1)^2 4 bytes),
-so K d^2 floats are never held at once: one pass over the data per block per
-step, the block's systems solved before the next block. All blocks of a step
-use the same W_t. The bounded, augmented features are cached in memory only
-when that cache (padded rows x (d+1) x 4 bytes) fits `max_in_memory_bytes`;
-otherwise every pass re-reads the store.
+processed in blocks of at most `hessian_class_block` classes, and never more
+than fit in `max_hessian_bytes` of float32 Hessian accumulators (b (d+1)^2 4
+bytes), so K d^2 floats are never held at once: one pass over the data per
+block per step, each block's systems solved before the next block. All blocks
+of a step use the same W_t. The bounded, augmented features are cached in
+memory only when that cache (padded rows x (d+1) x 4 bytes) fits
+`max_in_memory_bytes`; otherwise every pass re-reads the store.
 """
 
 from __future__ import annotations
@@ -91,6 +111,8 @@ from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
 _SHRINK = 1.0 - 1e-6  # margin so float rounding never lets a clipped norm exceed its bound
 GRADIENT_RELEASE = "dp_newton/gradient"
 HESSIAN_RELEASE = "dp_newton/hessian"
+GRAM_RELEASE = "dp_newton/gram"
+LABEL_SUMS_RELEASE = "dp_newton/label_sums"
 _HESSIAN_BYTES_PER_ENTRY = 4  # float32 accumulators
 
 
@@ -147,13 +169,33 @@ def clipped_residuals(logits, labels, *, num_classes, residual_bound):
     return r * jnp.minimum(1.0, target / jnp.where(norms > 0, norms, 1.0))
 
 
-def hessian_weights(logits):
-    """sigmoid'(z) = sigmoid(z) sigmoid(-z), clipped to its analytic maximum 1/4."""
-    return jnp.clip(jax.nn.sigmoid(logits) * jax.nn.sigmoid(-logits), 0.0, 0.25)
+def hessian_weights(logits, *, hessian_weight_bound):
+    """a = sigmoid'(z) = sigmoid(z) sigmoid(-z), each entry clipped to its analytic
+    maximum 1/4, then each row (all K classes) clipped to L2 norm <= hessian_weight_bound."""
+    a = jnp.clip(jax.nn.sigmoid(logits) * jax.nn.sigmoid(-logits), 0.0, 0.25)
+    norms = jnp.linalg.norm(a, axis=1, keepdims=True)
+    target = jnp.float32(hessian_weight_bound * _SHRINK)
+    return a * jnp.minimum(1.0, target / jnp.where(norms > 0, norms, 1.0))
 
 
-@partial(jax.jit, static_argnames=("num_classes", "residual_bound"), donate_argnums=(0, 1))
-def accumulate_chunk(grad, hess, xa, labels, mask, weights, classes, *, num_classes, residual_bound):
+@partial(
+    jax.jit,
+    static_argnames=("num_classes", "residual_bound", "hessian_weight_bound"),
+    donate_argnums=(0, 1),
+)
+def accumulate_chunk(
+    grad,
+    hess,
+    xa,
+    labels,
+    mask,
+    weights,
+    classes,
+    *,
+    num_classes,
+    residual_bound,
+    hessian_weight_bound,
+):
     """Add one chunk's gradient and Hessian sums for the block `classes` (shape (b,)).
 
     xa: (n, d+1) augmented rows (zero on padding); weights: (d+1, K).
@@ -162,7 +204,8 @@ def accumulate_chunk(grad, hess, xa, labels, mask, weights, classes, *, num_clas
     logits = xa @ weights
     r = clipped_residuals(logits, labels, num_classes=num_classes, residual_bound=residual_bound)
     r = r * mask[:, None]
-    a = hessian_weights(logits[:, classes]) * mask[:, None]
+    a = hessian_weights(logits, hessian_weight_bound=hessian_weight_bound)
+    a = a[:, classes] * mask[:, None]
     grad = grad + xa.T @ r[:, classes]
 
     def one_class(j, h):  # one (d+1) x (d+1) product at a time: no (b, n, d+1) temporary
@@ -172,20 +215,30 @@ def accumulate_chunk(grad, hess, xa, labels, mask, weights, classes, *, num_clas
     return grad, hess
 
 
+@partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(0, 1))
+def accumulate_gram_chunk(gram, label_sums, xa, labels, *, num_classes):
+    """Add one chunk's X~^T X~ (d+1, d+1) and X~^T Y (d+1, K); xa is zero on padding."""
+    gram = gram + xa.T @ xa
+    label_sums = label_sums + jax.ops.segment_sum(xa, labels, num_segments=num_classes).T
+    return gram, label_sums
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPNewton:
     """Public hyperparameters of DP-Newton; `noise_multiplier` (s_g) is set by `calibrate`."""
 
     l2_clip_norm: float = 1.0
     feature_transform: str = "normalize"
-    bias_feature: float = 1.0  # b0, the constant appended feature; 0 = no bias
+    bias_feature: float = 0.0  # b0, the constant appended feature; 0 = no bias
     num_steps: int = 3  # T
     step_size: float = 1.0
     l2_penalty: float = 0.0  # mu, on the summed loss
     ridge_lambda: float = 1e-3
     ridge_noise_factor: float = 0.25
-    residual_clip_fraction: float = 0.5  # rho: ||r|| <= rho sqrt(K)
+    residual_clip_fraction: float = 0.3  # rho: ||r|| <= rho sqrt(K)
+    hessian_clip_fraction: float = 0.35  # rho_h: ||a|| <= rho_h sqrt(K) / 4
     hessian_noise_ratio: float = 1.0  # s_h / s_g
+    shared_first_step: bool = True
     hessian_class_block: int | None = None
     max_hessian_bytes: float = 1e9
     max_in_memory_bytes: float = 2e9
@@ -200,6 +253,9 @@ class DPNewton:
             if not ok:
                 raise ValueError(f"dp_newton: {key} {rule}, got {getattr(self, key)!r}")
 
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
         need(self.l2_clip_norm > 0, "l2_clip_norm", "must be > 0")
         if self.feature_transform not in FEATURE_TRANSFORMS:
             raise ValueError(
@@ -207,20 +263,18 @@ class DPNewton:
                 f"use one of {FEATURE_TRANSFORMS}"
             )
         need(self.bias_feature >= 0, "bias_feature", "must be >= 0 (0 = no bias)")
-        need(
-            isinstance(self.num_steps, int) and self.num_steps >= 1,
-            "num_steps",
-            "must be an integer >= 1",
-        )
+        need(is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "must be an integer >= 1")
         need(self.step_size > 0, "step_size", "must be > 0")
         need(self.l2_penalty >= 0, "l2_penalty", "must be >= 0")
         need(self.ridge_lambda >= 0, "ridge_lambda", "must be >= 0")
         need(self.ridge_noise_factor >= 0, "ridge_noise_factor", "must be >= 0")
         need(0 < self.residual_clip_fraction <= 1, "residual_clip_fraction", "must be in (0, 1]")
+        need(0 < self.hessian_clip_fraction <= 1, "hessian_clip_fraction", "must be in (0, 1]")
         need(self.hessian_noise_ratio > 0, "hessian_noise_ratio", "must be > 0")
+        need(isinstance(self.shared_first_step, bool), "shared_first_step", "must be true or false")
         need(
             self.hessian_class_block is None
-            or (isinstance(self.hessian_class_block, int) and self.hessian_class_block >= 1),
+            or (is_int(self.hessian_class_block) and self.hessian_class_block >= 1),
             "hessian_class_block",
             "must be None or an integer >= 1",
         )
@@ -284,21 +338,52 @@ class DPNewton:
         """b0 as the float32 actually appended (the norm bound uses this value)."""
         return float(np.float32(self.bias_feature))
 
+    def residual_bound(self, num_classes: int) -> float:
+        return self.residual_clip_fraction * math.sqrt(num_classes)
+
+    def hessian_weight_bound(self, num_classes: int) -> float:
+        return self.hessian_clip_fraction * math.sqrt(num_classes) / 4.0
+
     def sensitivities(self, num_classes: int) -> dict[str, float]:
-        """L2 sensitivities of one step's releases over all K classes together."""
+        """L2 sensitivity of each release (all K classes together), by release name."""
         r2 = self.l2_clip_norm**2 + self.bias_value() ** 2
-        b = self.residual_clip_fraction * math.sqrt(num_classes)
-        return {"gradient": math.sqrt(r2) * b, "hessian": r2 * math.sqrt(num_classes) / 4.0}
+        return {
+            "gradient": math.sqrt(r2) * self.residual_bound(num_classes),
+            "hessian": r2 * self.hessian_weight_bound(num_classes),
+            "label_sums": math.sqrt(r2),  # step 0 of the shared first step
+            "gram": r2,  # step 0 of the shared first step
+        }
 
     def noise_stddevs(self, num_classes: int) -> dict[str, float]:
         m, sens = self.noise_multipliers(), self.sensitivities(num_classes)
-        return {key: m[key] * sens[key] for key in m}
+        return {
+            "gradient": m["gradient"] * sens["gradient"],
+            "hessian": m["hessian"] * sens["hessian"],
+            "label_sums": m["gradient"] * sens["label_sums"],
+            "gram": m["hessian"] * sens["gram"],
+        }
 
-    def damping(self, feature_dim: int, num_classes: int) -> float:
-        """lambda: public, tied to the spectral scale of the Hessian noise."""
+    def first_step_clip_factors(self, num_classes: int) -> tuple[float, float]:
+        """Public clip factors of the per-class statistics at W = 0 (gradient, Hessian).
+
+        There ||r|| = sqrt(K)/2 and ||a|| = sqrt(K)/4 for every example, so
+        clipping scales every contribution by the same public constant.
+        """
+        half = math.sqrt(num_classes) / 2.0
+        c_r = min(1.0, self.residual_bound(num_classes) * _SHRINK / half)
+        c_h = min(1.0, self.hessian_weight_bound(num_classes) * _SHRINK / (half / 2.0))
+        return c_r, c_h
+
+    def damping(self, feature_dim: int, num_classes: int, *, first_step: bool = False) -> float:
+        """lambda: public, tied to the spectral scale of the Hessian noise of that step."""
         d_aug = augmented_dim(feature_dim, self.bias_feature)
-        sigma_h = self.noise_stddevs(num_classes)["hessian"]
-        return self.ridge_lambda + self.ridge_noise_factor * sigma_h * math.sqrt(d_aug)
+        sd = self.noise_stddevs(num_classes)
+        sigma = sd["hessian"]
+        if first_step and self.shared_first_step:
+            sigma = sd["gram"] / 4.0
+        elif first_step:
+            sigma = sd["hessian"] / self.first_step_clip_factors(num_classes)[1]
+        return self.ridge_lambda + self.ridge_noise_factor * sigma * math.sqrt(d_aug)
 
     def release(
         self,
@@ -316,7 +401,9 @@ class DPNewton:
         """
         sd = self.noise_stddevs(num_classes)
         dim = gradient.shape[0]
-        e = noise.gaussian(seed, GRADIENT_RELEASE, (dim,), sd["gradient"], index=class_index, step=step)
+        e = noise.gaussian(
+            seed, GRADIENT_RELEASE, (dim,), sd["gradient"], index=class_index, step=step
+        )
         f = noise.gaussian(
             seed, HESSIAN_RELEASE, (dim, dim), sd["hessian"], index=class_index, step=step
         )
@@ -324,6 +411,22 @@ class DPNewton:
         noisy_g = np.asarray(gradient, np.float64) + np.asarray(e, np.float64)
         noisy_h = np.asarray(hessian, np.float64) + (f + f.T) / 2.0
         return noisy_g, noisy_h
+
+    def release_first_step(
+        self, gram: np.ndarray, label_sums: np.ndarray, *, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Noisy (symmetrised X~^T X~, X~^T Y) for the shared first step, float64.
+
+        One Gram draw (one release, accounted once); column k of X~^T Y has
+        its own key (class k).
+        """
+        dim, k = label_sums.shape
+        sd = self.noise_stddevs(k)
+        e = np.asarray(noise.gaussian(seed, GRAM_RELEASE, (dim, dim), sd["gram"]), np.float64)
+        f = noise.gaussian_per_class(seed, LABEL_SUMS_RELEASE, k, dim, sd["label_sums"])
+        noisy_gram = np.asarray(gram, np.float64) + (e + e.T) / 2.0
+        noisy_sums = np.asarray(label_sums, np.float64) + np.asarray(f, np.float64).T
+        return noisy_gram, noisy_sums
 
     # --- fitting -------------------------------------------------------------------------
 
@@ -338,11 +441,21 @@ class DPNewton:
             max_hessian_bytes=self.max_hessian_bytes,
             hessian_class_block=self.hessian_class_block,
         )
-        source = self._chunk_source(data)
-        lam = self.damping(d, k)
+        source = self.chunk_source(data)
         mu = self.l2_penalty
         w = np.zeros((d_aug, k), np.float64)
-        for t in range(self.num_steps):
+        first = 0
+        if self.shared_first_step:
+            gram, label_sums = self.exact_first_step_statistics(source, d_aug, data.num_examples, k)
+            gram, label_sums = self.release_first_step(gram, label_sums, seed=seed)
+            # At W = 0: every Hessian weight is 1/4 and the residual is 1/2 - Y.
+            grads = 0.5 * label_sums.sum(axis=1, keepdims=True) - label_sums
+            lam = self.damping(d, k, first_step=True)
+            w = -self.step_size * solve_ridge_psd(gram / 4.0, grads, lam + mu)
+            first = 1
+        for t in range(first, self.num_steps):
+            lam = self.damping(d, k, first_step=t == 0)
+            c_r, c_h = self.first_step_clip_factors(k) if t == 0 else (1.0, 1.0)
             w_now = jnp.asarray(w, jnp.float32)
             w_next = w.copy()
             for classes in class_blocks(k, block):
@@ -356,12 +469,32 @@ class DPNewton:
                         seed=seed,
                         num_classes=k,
                     )
+                    g, h = g / c_r, h / c_h  # undo the public uniform clip at W = 0
                     direction = solve_ridge_psd(h, (g + mu * w[:, c])[:, None], lam + mu)[:, 0]
                     w_next[:, c] = w[:, c] - self.step_size * direction
                 del grad, hess
             w = w_next
         bias = self.bias_value() * w[d] if d_aug > d else np.zeros(k)
         return {"weights": w[:d].astype(np.float32), "bias": bias.astype(np.float32)}
+
+    def exact_first_step_statistics(
+        self,
+        source: Callable[[], Iterator[tuple]],
+        augmented_dim: int,
+        num_examples: int,
+        num_classes: int,
+    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """One pass: un-noised X~^T X~ (d+1, d+1) and X~^T Y (d+1, K)."""
+        gram = jnp.zeros((augmented_dim, augmented_dim), jnp.float32)
+        label_sums = jnp.zeros((augmented_dim, num_classes), jnp.float32)
+        seen = 0
+        for xa, labels, _, rows in source():
+            gram, label_sums = accumulate_gram_chunk(
+                gram, label_sums, xa, labels, num_classes=num_classes
+            )
+            seen += rows
+        _check_one_pass(seen, num_examples)
+        return gram, label_sums
 
     def exact_statistics(
         self,
@@ -381,8 +514,7 @@ class DPNewton:
         hess = jnp.zeros((len(classes), d_aug, d_aug), jnp.float32)
         seen = 0
         cls = jnp.asarray(classes, jnp.int32)
-        bound = self.residual_clip_fraction * math.sqrt(num_classes)
-        for xa, labels, mask in source():
+        for xa, labels, mask, rows in source():
             grad, hess = accumulate_chunk(
                 grad,
                 hess,
@@ -392,15 +524,16 @@ class DPNewton:
                 weights,
                 cls,
                 num_classes=num_classes,
-                residual_bound=bound,
+                residual_bound=self.residual_bound(num_classes),
+                hessian_weight_bound=self.hessian_weight_bound(num_classes),
             )
-            seen += int(np.sum(np.asarray(mask)))
-        if seen != num_examples:  # one pass, each example once
-            raise AssertionError(f"dp_newton pass saw {seen} examples, data has {num_examples}")
+            seen += rows
+        _check_one_pass(seen, num_examples)
         return grad, hess
 
-    def _chunk_source(self, data) -> Callable[[], Iterator[tuple]]:
-        """Padded (augmented rows, labels, mask) chunks: cached if they fit, else streamed."""
+    def chunk_source(self, data) -> Callable[[], Iterator[tuple]]:
+        """Padded (augmented rows, labels, mask, real rows) chunks: cached if they fit,
+        else streamed from `data` on every pass."""
         kw = dict(
             l2_clip_norm=float(self.l2_clip_norm),
             transform=self.feature_transform,
@@ -409,7 +542,8 @@ class DPNewton:
 
         def stream():
             for feats, labels, mask in padded_chunks(data):
-                yield augment_rows(feats, mask, **kw), jnp.asarray(labels), jnp.asarray(mask)
+                xa = augment_rows(feats, mask, **kw)
+                yield xa, jnp.asarray(labels), jnp.asarray(mask), int(mask.sum())
 
         d_aug = augmented_dim(int(data.feature_dim), self.bias_feature)
         cache_bytes = data.num_chunks * data.chunk_rows * d_aug * 4
@@ -417,3 +551,8 @@ class DPNewton:
             return stream
         cache = list(stream())
         return lambda: iter(cache)
+
+
+def _check_one_pass(seen: int, num_examples: int) -> None:
+    if seen != num_examples:  # one pass, each example once
+        raise AssertionError(f"dp_newton pass saw {seen} examples, data has {num_examples}")

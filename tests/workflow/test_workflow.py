@@ -57,7 +57,7 @@ def test_tiny_workflow_beats_chance(tiny_run):
     runs = [
         json.loads(p.read_text()) for p in (tiny_run / "results" / "runs").rglob("metrics.json")
     ]
-    for method in ("dp_ls", "dp_fc", "dp_sgd"):
+    for method in ("dp_ls", "dp_newton", "dp_fc", "dp_sgd"):
         acc = sorted(
             r["test_accuracy"] for r in runs if r["method"] == method and r["target_epsilon"] == 8
         )
@@ -86,8 +86,8 @@ def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_run):
     (tiny_run / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tiny_run, "-n")
     counts = job_counts(proc.stdout + proc.stderr)
-    # 3 private methods x 2 seeds at the new epsilon, one report; nothing else recomputed
-    assert counts == {"fit_head": 6, "report_experiment": 1, "all": 1, "total": 8}, counts
+    # 4 private methods x 2 seeds at the new epsilon, one report; nothing else recomputed
+    assert counts == {"fit_head": 8, "report_experiment": 1, "all": 1, "total": 10}, counts
 
 
 def job_counts(text: str) -> dict[str, int]:
