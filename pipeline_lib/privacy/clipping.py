@@ -37,7 +37,8 @@ def bound_rows(x: jnp.ndarray, l2_clip_norm: float, transform: str = "clip") -> 
     target = jnp.float32(l2_clip_norm * _SHRINK)
     safe = jnp.where(norms > 0, norms, 1.0)
     if transform == "clip":
-        scale = jnp.minimum(1.0, target / safe)
+        # A row whose squared norm underflows to 0 has true norm < 1e-19 <= C: keep it.
+        scale = jnp.where(norms > 0, jnp.minimum(1.0, target / safe), 1.0)
     else:
         scale = jnp.where(norms > 0, target / safe, 0.0)
     return x * scale

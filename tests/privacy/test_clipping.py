@@ -68,3 +68,9 @@ def test_bad_clip_norm():
         bound_rows(np.ones((2, 2)), 0.0)
     with pytest.raises(ValueError, match="transform"):
         bound_rows(np.ones((2, 2)), 1.0, "whiten")
+
+
+def test_clip_keeps_rows_whose_norm_underflows():
+    """Found by hypothesis: ||x||^2 underflows to 0 in float32 for x ~ 2e-29."""
+    x = np.full((1, 2), 1.9898773e-29, np.float32)
+    np.testing.assert_array_equal(np.asarray(bound_rows(x, 0.5, "clip")), x)
