@@ -16,7 +16,7 @@ import optax
 
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads.dp_ls import solve_ridge_psd
-from pipeline_lib.heads.stats import SuffStats
+from pipeline_lib.heads.stats import SuffStats, pad_rows
 from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
 
 
@@ -99,19 +99,9 @@ class NonPrivateLogistic:
                 order = rng.permutation(len(labels))
                 for b0 in range(0, len(order), self.batch_size):
                     idx = order[b0 : b0 + self.batch_size]
-                    x, y, mask = _pad(feats[idx], labels[idx], self.batch_size)
+                    x, y, mask = pad_rows(feats[idx], labels[idx], self.batch_size)
                     params, state = step(params, state, x, y, mask)
         return {k_: np.asarray(v) for k_, v in params.items()}
-
-
-def _pad(x, y, rows):
-    n = len(y)
-    mask = np.zeros(rows, np.float32)
-    mask[:n] = 1
-    if n < rows:
-        x = np.concatenate([x, np.zeros((rows - n, x.shape[1]), x.dtype)])
-        y = np.concatenate([y, np.zeros(rows - n, y.dtype)])
-    return x, y, mask
 
 
 def _make_step(opt, l2_clip_norm, transform, l2_penalty, num_classes):

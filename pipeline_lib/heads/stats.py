@@ -49,17 +49,21 @@ def _chunk_stats(x, y, mask, *, num_classes, l2_clip_norm, transform):
     return xtx, xty, counts
 
 
+def pad_rows(x: np.ndarray, y: np.ndarray, rows: int):
+    """Pad (x, y) with zero rows up to `rows` and return (x, y, mask): one compiled shape."""
+    n = len(y)
+    mask = np.zeros(rows, np.float32)
+    mask[:n] = 1.0
+    if n < rows:
+        x = np.concatenate([x, np.zeros((rows - n, x.shape[1]), x.dtype)])
+        y = np.concatenate([y, np.zeros(rows - n, y.dtype)])
+    return x, y, mask
+
+
 def padded_chunks(store: FeatureStore):
     """Chunks padded to the store's chunk_rows with a mask, so jit compiles once."""
-    rows = store.chunk_rows
     for feats, labels in store.iter_chunks():
-        n = len(labels)
-        mask = np.zeros(rows, np.float32)
-        mask[:n] = 1.0
-        if n < rows:
-            feats = np.concatenate([feats, np.zeros((rows - n, feats.shape[1]), np.float32)])
-            labels = np.concatenate([labels, np.zeros(rows - n, np.int32)])
-        yield feats, labels, mask
+        yield pad_rows(feats, labels, store.chunk_rows)
 
 
 def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -> SuffStats:
