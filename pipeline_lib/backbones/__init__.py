@@ -55,15 +55,22 @@ class Backbone:
     feature_dim: int
     preprocessing: str
     _preprocess_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False, compare=False)
-    _load_fn: Callable[[], tuple[dict, str]] = dataclasses.field(repr=False, compare=False)
+    _load_fn: Callable[[int | None], tuple[dict, str]] = dataclasses.field(
+        repr=False, compare=False
+    )
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """float32 RGB NHWC in [0, 255] -> model input. Does not resize."""
         return self._preprocess_fn(images)
 
-    def load_variables(self) -> tuple[dict, str]:
-        """(Flax variables, sha256 hex digest of the checkpoint file they came from)."""
-        return self._load_fn()
+    def load_variables(self, image_size: int | None = None) -> tuple[dict, str]:
+        """(Flax variables, sha256 hex digest of the checkpoint file they came from).
+
+        ``image_size`` is the input resolution the variables will be used at; backbones
+        with resolution-dependent parameters (ViT position embeddings) adapt them to it.
+        None means ``native_image_size``.
+        """
+        return self._load_fn(image_size)
 
 
 # name -> (variant, pip package, import module, path-helper class).
@@ -174,5 +181,5 @@ def get_backbone(
         feature_dim=config.head_channels,
         preprocessing=efficientnet_lite.PREPROCESSING,
         _preprocess_fn=efficientnet_lite.preprocess_images,
-        _load_fn=lambda: _load_efficientnet_lite(name),
+        _load_fn=lambda image_size: _load_efficientnet_lite(name),
     )

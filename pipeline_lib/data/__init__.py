@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-from pipeline_lib.data.dataset import ImageDataset
+from collections.abc import Mapping
+
+from pipeline_lib.data.dataset import ImageDataset, ImageSource
 from pipeline_lib.data.idx import IdxFormatError, read_idx
 from pipeline_lib.data.sources import (
     DEFAULT_FASHION_MNIST_DIR,
@@ -24,9 +26,11 @@ __all__ = [
     "DatasetUnavailableError",
     "IdxFormatError",
     "ImageDataset",
+    "ImageSource",
     "known_datasets",
     "load_dataset",
     "load_fashion_mnist",
+    "open_dataset",
     "read_idx",
     "register_dataset",
 ]
@@ -100,3 +104,28 @@ def load_dataset(
         allow_network=allow_network,
         max_examples=max_examples,
     )
+
+
+def open_dataset(name: str, spec: Mapping, split: str) -> ImageSource:
+    """Open split ``split`` of the dataset that config entry ``datasets.<name>`` describes.
+
+    ``spec`` is that entry (a mapping with at least ``source``). The result reads
+    rows lazily where the source allows it; ``name`` becomes its ``name``.
+
+    Raises:
+      ValueError: unknown source or split, or bad options (the message names ``datasets.<name>``).
+      DatasetUnavailableError: the data is not available from any allowed source.
+    """
+    where = f"datasets.{name}"
+    source = spec.get("source")
+    if source not in _LOADERS:
+        raise ValueError(f"{where}.source={source!r}: unknown; known sources: {known_datasets()}")
+    limit = spec.get(f"max_{split}_examples")
+    data = load_dataset(
+        source,
+        split,
+        data_dir=spec.get("data_dir"),
+        allow_network=bool(spec.get("allow_network", False)),
+        max_examples=None if limit is None else int(limit),
+    )
+    return data

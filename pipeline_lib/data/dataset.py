@@ -3,10 +3,46 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ImageDataset"]
+__all__ = ["ImageDataset", "ImageSource"]
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """Labelled images of one split, read lazily by row range.
+
+    Extraction only ever asks for contiguous row ranges, so sources that do not
+    fit in memory (ImageNet from TFDS, image folders) decode on demand, and
+    shard jobs read only their own rows. Row order is fixed and public.
+
+    Attributes:
+      name: the dataset key from the config, e.g. "fashion_mnist".
+      split: the split name, "train" or "test".
+      source: where the data comes from, for logs and store attributes.
+      num_examples: the number of rows N.
+      num_classes: the number of classes K of the task.
+    """
+
+    name: str
+    split: str
+    source: str
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+        """Rows [start, stop): (images, labels int32 (n,)).
+
+        Images are uint8, (H, W) or (H, W, C) each; a stacked (n, H, W[, C]) array
+        when every image has the same shape, otherwise a list of arrays.
+        """
+        ...
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
@@ -73,6 +109,13 @@ class ImageDataset:
     @property
     def num_examples(self) -> int:
         return int(self.images.shape[0])
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) as (images, labels); see :class:`ImageSource`."""
+        n = self.num_examples
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"{self.name}/{self.split}: rows [{start}, {stop}) outside [0, {n})")
+        return self.images[start:stop], self.labels[start:stop]
 
     @property
     def image_shape(self) -> tuple[int, ...]:

@@ -89,7 +89,7 @@ def extract_to_store(
             "must all be positive"
         )
     backbone = get_backbone(backbone_name, dtype=dtype)
-    variables, checkpoint_sha256 = backbone.load_variables()
+    variables, checkpoint_sha256 = backbone.load_variables(image_size)
     n = len(dataset.labels)
     attrs = {
         "backbone": backbone.name,
