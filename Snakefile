@@ -13,6 +13,9 @@ configfile: "config/config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/heads.smk"
@@ -23,3 +26,12 @@ rule all:
     input:
         all_reports(config),
     default_target: True
+
+
+onsuccess:
+    from pipeline_lib.reporting import terminal_summary
+
+    try:
+        print(terminal_summary(xp.all_metrics(config), f"{R}/reports"))
+    except (OSError, ValueError) as exc:  # a partial target (e.g. one store) has no runs yet
+        print(f"(no summary: {exc})")

@@ -1,108 +1,341 @@
 """Expand the config into a table of runs; all defaults are applied here.
 
 The Snakemake rules only ask this module for paths and run specs, so the
-logic that decides what runs is reachable from pytest.
+logic that decides what runs is reachable from pytest, and cluster jobs see
+exactly the values the tests check.
 
 Paths (under ``results_dir``)::
 
     features/{dataset}/{backbone}/{image_size}px/{split}.zarr
-    stats/{dataset}/{backbone}/{image_size}px/{transform}-C{clip}.npz
-    runs/{experiment}/{method}/{budget}/seed{seed}/{metrics.json,head.npz}
-    reports/{experiment}/{summary.csv,summary.md,accuracy_vs_epsilon.png}
+    stats/{dataset}/{backbone}/{image_size}px/{transform}-C{clip}-{part}.npz
+    runs/{experiment}/{dataset}/{backbone}/{image_size}px/{method}/{budget}/seed{seed}/
+        metrics.json, head.npz
+    reports/{experiment}/summary.csv, summary.md, runs.csv, accuracy_vs_epsilon.png
+    reports/index.md, ledger.csv, ledger.md, all_experiments.png
 
 ``budget`` is ``eps{epsilon:g}`` for private methods and ``nonprivate`` for
-baselines.
+baselines; ``part`` is ``all`` (the whole training split) or ``fit{f:g}``
+(the training split minus a validation part of fraction f, for private
+hyperparameter selection; see ``pipeline_lib.features.split``).
+
+Hyperparameter grids: a list as a method's hyperparameter value is a grid;
+the candidates are the Cartesian product. A method with more than one
+candidate needs the experiment's ``tuning`` block, which says how one is
+selected and so what the reported epsilon covers.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
+import json
+import os
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline_lib.heads import HEADS, STATS_HEADS, make_head
 from pipeline_lib.privacy.accounting import ACCOUNTANTS, check_budget
 
 SPLITS = ("train", "test")
+SCHEMA_PATH = (
+    Path(__file__).resolve().parents[1] / "workflow" / "schemas" / ("experiments.schema.yaml")
+)
+MAX_CANDIDATES = 64
+SELECTIONS = ("private", "public")
+EXPERIMENT_DEFAULTS = {"accountant": "pld", "methods": {}, "baselines": {}, "tuning": None}
+TUNING_DEFAULTS = {"validation_fraction": 0.1, "public_dataset": None}
 
 
 class ConfigError(ValueError):
     """The config is invalid; the message names the experiment, key and value."""
 
 
+# ----------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that rejects duplicate mapping keys (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(
+                f"{node.start_mark.name}: duplicate key {key!r} at line "
+                f"{key_node.start_mark.line + 1} (first at line {seen[key] + 1}); "
+                "every experiment, method and option must be named once"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Parse a YAML file, rejecting duplicate keys; errors name the file."""
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def _path_of(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def validate_experiments(doc: Any, *, source: str = "experiments file") -> None:
+    """Check ``doc`` (the parsed experiments file) against the JSON schema.
+
+    The error names the experiment, the key path and the bad value, and says
+    what is allowed (from the schema's own description).
+    """
+    import jsonschema
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    messages = []
+    for error in errors[:5]:
+        path = list(error.absolute_path)
+        where = f"{source}: " + (
+            f"experiment {path[1]!r}, key {'.'.join(map(str, path[2:])) or '(entry)'}"
+            if len(path) >= 2 and path[0] == "experiments"
+            else f"key {_path_of(error)}"
+        )
+        allowed = error.schema.get("description") if isinstance(error.schema, dict) else None
+        if error.validator == "additionalProperties":
+            known = sorted(error.schema.get("properties", {}))
+            msg = f"{where}: {error.message}; allowed keys: {known}"
+        else:
+            msg = f"{where}: value {error.instance!r} is invalid: {error.message}"
+            if allowed:
+                msg += f" (expected: {allowed})"
+        messages.append(msg)
+    more = f"\n... and {len(errors) - 5} more" if len(errors) > 5 else ""
+    raise ConfigError("\n".join(messages) + more)
+
+
+def load_experiments(path: str | os.PathLike) -> dict:
+    """The validated ``experiments`` mapping of an experiments file."""
+    doc = load_yaml(path)
+    if not isinstance(doc, dict) or "experiments" not in doc:
+        raise ConfigError(f"{path}: must be a mapping with a top-level key 'experiments'")
+    validate_experiments(doc, source=str(path))
+    return doc["experiments"]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
 def budget_name(epsilon: float | None) -> str:
     return "nonprivate" if epsilon is None else f"eps{epsilon:g}"
+
+
+def part_name(validation_fraction: float | None) -> str:
+    return "all" if validation_fraction is None else f"fit{validation_fraction:g}"
 
 
 def feature_path(results_dir, dataset, backbone, image_size, split) -> str:
     return str(Path(results_dir, "features", dataset, backbone, f"{image_size}px", f"{split}.zarr"))
 
 
-def stats_path(results_dir, dataset, backbone, image_size, transform, clip) -> str:
+def stats_path(results_dir, dataset, backbone, image_size, transform, clip, part="all") -> str:
+    name = f"{transform}-C{clip:g}-{part}.npz"
+    return str(Path(results_dir, "stats", dataset, backbone, f"{image_size}px", name))
+
+
+def run_dir(results_dir, run: dict) -> str:
     return str(
         Path(
-            results_dir, "stats", dataset, backbone, f"{image_size}px", f"{transform}-C{clip:g}.npz"
+            results_dir,
+            "runs",
+            run["experiment"],
+            run["dataset"],
+            run["backbone"],
+            f"{run['image_size']}px",
+            run["method"],
+            run["budget"],
+            f"seed{run['seed']}",
         )
     )
-
-
-def run_dir(results_dir, experiment, method, budget, seed) -> str:
-    return str(Path(results_dir, "runs", experiment, method, budget, f"seed{seed}"))
 
 
 def report_dir(results_dir, experiment) -> str:
     return str(Path(results_dir, "reports", experiment))
 
 
-def _require(exp: dict, key: str, name: str):
-    if key not in exp:
-        raise ConfigError(f"experiment {name!r}: missing required key {key!r}")
-    return exp[key]
+# ----------------------------------------------------------------------------- expansion
 
 
-def expand_runs(config: dict) -> list[dict]:
-    """Every head run the config asks for, as plain dicts (one per metrics.json)."""
+def _as_list(value, key: str, where: str) -> list:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"{where}: '{key}' is an empty list; give at least one value")
+    if len(set(map(str, values))) != len(values):
+        raise ConfigError(f"{where}: '{key}'={values} has duplicates")
+    return values
+
+
+def _candidates(params: dict | None, where: str) -> list[dict]:
+    """The Cartesian product of the list-valued hyperparameters (grids)."""
+    params = dict(params or {})
+    keys = sorted(params)
+    grids = []
+    for key in keys:
+        value = params[key]
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{where}.{key}: empty grid []; give at least one value")
+            if len(set(map(json.dumps, value))) != len(value):
+                raise ConfigError(f"{where}.{key}: grid {value} has duplicate values")
+            grids.append(value)
+        else:
+            grids.append([value])
+    combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*grids)]
+    if len(combos) > MAX_CANDIDATES:
+        raise ConfigError(
+            f"{where}: the grid has {len(combos)} candidates; at most {MAX_CANDIDATES} "
+            "(each private candidate costs privacy budget)"
+        )
+    return combos
+
+
+def _known_backbones(config: dict) -> list[str]:
+    from pipeline_lib.backbones import list_backbones
+
+    return sorted(set(list_backbones()) | set(config.get("backbones") or {}))
+
+
+def _check_data_path(config: dict, dataset: str) -> None:
+    """A local data path that does not exist is an error now, not after hours of queueing."""
+    spec = config["datasets"][dataset] or {}
+    if spec.get("allow_network"):
+        return
+    for key in ("data_dir", "path"):
+        value = spec.get(key)
+        if value is not None and not Path(os.path.expanduser(str(value))).exists():
+            raise ConfigError(
+                f"datasets.{dataset}.{key}: {value!r} does not exist on this machine; fix the "
+                f"path in config.yaml (or set datasets.{dataset}.allow_network: true)"
+            )
+
+
+def _known_num_train(config: dict, dataset: str) -> int | None:
+    """N of the training split when it is already known (an existing store or a subset size)."""
+    spec = config["datasets"][dataset] or {}
+    return spec.get("max_train_examples")
+
+
+def _tuning(exp: dict, where: str, datasets: dict) -> dict | None:
+    tuning = exp.get("tuning")
+    if tuning is None:
+        return None
+    tuning = {**TUNING_DEFAULTS, **tuning}
+    selection = tuning.get("selection")
+    if selection not in SELECTIONS:
+        raise ConfigError(f"{where}: tuning.selection={selection!r}; allowed: {list(SELECTIONS)}")
+    fraction = float(tuning["validation_fraction"])
+    if not 0.0 < fraction < 0.5:
+        raise ConfigError(f"{where}: tuning.validation_fraction={fraction} must be in (0, 0.5)")
+    tuning["validation_fraction"] = fraction
+    public = tuning.get("public_dataset")
+    if selection == "public":
+        if public is None:
+            raise ConfigError(
+                f"{where}: tuning.selection='public' needs tuning.public_dataset, a dataset "
+                "key whose data is public (candidates are trained and compared on it)"
+            )
+        if public not in datasets:
+            raise ConfigError(
+                f"{where}: tuning.public_dataset={public!r} is not defined under 'datasets' "
+                f"(defined: {sorted(datasets)})"
+            )
+        if public == exp.get("dataset") or public in (exp.get("datasets") or []):
+            raise ConfigError(
+                f"{where}: tuning.public_dataset={public!r} is the private dataset itself; "
+                "use selection: private to tune on the private data with the cost accounted"
+            )
+    elif public is not None:
+        raise ConfigError(f"{where}: tuning.public_dataset is only used with selection: public")
+    return tuning
+
+
+def _expand_uncached(config: dict) -> list[dict]:
     experiments = config.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
         raise ConfigError(
             "config key 'experiments' must be a non-empty mapping of named experiments"
         )
-    datasets = config.get("datasets", {})
+    datasets = config.get("datasets") or {}
+    backbones_known = _known_backbones(config)
     runs = []
-    for name, exp in experiments.items():
+    for name, exp_in in experiments.items():
         where = f"experiment {name!r}"
-        dataset = _require(exp, "dataset", name)
-        if dataset not in datasets:
-            raise ConfigError(
-                f"{where}: dataset {dataset!r} is not defined under 'datasets' in config.yaml "
-                f"(defined: {sorted(datasets)})"
-            )
-        image_size = int(_require(exp, "image_size", name))
+        if not isinstance(exp_in, dict):
+            raise ConfigError(f"{where}: must be a mapping of keys, got {exp_in!r}")
+        exp = {**EXPERIMENT_DEFAULTS, **exp_in}
+        for key in ("image_size", "epsilons", "delta", "seeds"):
+            if key not in exp:
+                raise ConfigError(f"{where}: missing required key {key!r}")
+        if ("dataset" in exp) == ("datasets" in exp):
+            raise ConfigError(f"{where}: give exactly one of 'dataset' or 'datasets'")
+        if ("backbone" in exp) == ("backbones" in exp):
+            raise ConfigError(f"{where}: give exactly one of 'backbone' or 'backbones'")
+        exp_datasets = _as_list(exp.get("dataset", exp.get("datasets")), "datasets", where)
+        exp_backbones = _as_list(exp.get("backbone", exp.get("backbones")), "backbones", where)
+        for dataset in exp_datasets:
+            if dataset not in datasets:
+                raise ConfigError(
+                    f"{where}: dataset {dataset!r} is not defined under 'datasets' in config.yaml "
+                    f"(defined: {sorted(datasets)})"
+                )
+            _check_data_path(config, dataset)
+        for backbone in exp_backbones:
+            if backbone not in backbones_known:
+                raise ConfigError(
+                    f"{where}: backbone {backbone!r} is unknown; built in or defined under "
+                    f"'backbones' in config.yaml: {backbones_known}"
+                )
+        image_size = int(exp["image_size"])
         if image_size < 16:
             raise ConfigError(f"{where}: image_size={image_size} must be >= 16")
-        delta = float(_require(exp, "delta", name))
-        epsilons = [float(e) for e in _require(exp, "epsilons", name)]
-        seeds = [int(s) for s in _require(exp, "seeds", name)]
-        accountant = exp.get("accountant", "pld")
+        delta = float(exp["delta"])
+        epsilons = [float(e) for e in _as_list(exp["epsilons"], "epsilons", where)]
+        seeds = [int(s) for s in _as_list(exp["seeds"], "seeds", where)]
+        accountant = exp["accountant"]
         if accountant not in ACCOUNTANTS:
             raise ConfigError(f"{where}: accountant={accountant!r}; allowed: {list(ACCOUNTANTS)}")
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"{where}: seeds={seeds} must be a non-empty list of distinct ints")
         for eps in epsilons:
             try:
                 check_budget(eps, delta)
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from exc
+        for dataset in exp_datasets:
+            n = _known_num_train(config, dataset)
+            if n is not None:
+                try:
+                    check_budget(epsilons[0], delta, int(n))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}, dataset {dataset!r}: {exc}") from exc
         if len(set(budget_name(e) for e in epsilons)) != len(epsilons):
             raise ConfigError(f"{where}: epsilons={epsilons} has duplicates")
-        common = {
-            "experiment": name,
-            "dataset": dataset,
-            "backbone": _require(exp, "backbone", name),
-            "image_size": image_size,
-        }
-        methods = exp.get("methods") or {}
-        baselines = exp.get("baselines") or {}
+        tuning = _tuning(exp, where, datasets)
+        methods, baselines = exp["methods"] or {}, exp["baselines"] or {}
         if not methods and not baselines:
             raise ConfigError(f"{where}: needs at least one entry under 'methods' or 'baselines'")
+        method_rows = []
         for group, entries, private in (
             ("methods", methods, True),
             ("baselines", baselines, False),
@@ -114,16 +347,69 @@ def expand_runs(config: dict) -> list[dict]:
                 if HEADS[method].private != private:
                     kind = "private" if HEADS[method].private else "non-private"
                     raise ConfigError(f"{mwhere}: {method} is {kind}; list it under the other key")
-                params = dict(params or {})
-                if private:
-                    params.setdefault("accountant", accountant)
-                try:
-                    head = make_head(method, params, where=mwhere)
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from exc
-                hyper = head.hyperparameters()
-                budgets = epsilons if private else [None]
-                for eps in budgets:
+                candidates = []
+                for cand in _candidates(params, mwhere):
+                    if private:
+                        cand.setdefault("accountant", accountant)
+                    try:
+                        head = make_head(method, cand, where=mwhere)
+                    except ValueError as exc:
+                        raise ConfigError(str(exc)) from exc
+                    candidates.append(head)
+                if not private and len(candidates) > 1:
+                    raise ConfigError(
+                        f"{mwhere}: baselines take single values, not grids (a best-of-grid "
+                        "non-private number would be a tuned number presented as a reference)"
+                    )
+                if private and len(candidates) > 1 and tuning is None:
+                    raise ConfigError(
+                        f"{mwhere}: has a grid of {len(candidates)} candidates but the experiment "
+                        "has no 'tuning' block; add tuning: {selection: private} (cost "
+                        "accounted) or {selection: public, public_dataset: <key>}"
+                    )
+                method_rows.append((method, private, candidates))
+        for dataset, backbone in itertools.product(exp_datasets, exp_backbones):
+            common = {
+                "experiment": name,
+                "dataset": dataset,
+                "backbone": backbone,
+                "image_size": image_size,
+            }
+            for method, private, heads in method_rows:
+                tuned = private and len(heads) > 1
+                run_tuning = tuning if tuned else None
+                fraction = (
+                    run_tuning["validation_fraction"]
+                    if run_tuning and run_tuning["selection"] == "private"
+                    else None
+                )
+                cands = [
+                    {
+                        "hyperparameters": h.hyperparameters(),
+                        "uses_stats": method in STATS_HEADS,
+                        "transform": h.feature_transform,
+                        "l2_clip_norm": h.l2_clip_norm,
+                    }
+                    for h in heads
+                ]
+                r = config.get("results_dir", "results")
+                for cand in cands:
+                    size_args = (r, dataset, backbone, image_size, cand["transform"])
+                    uses = cand["uses_stats"]
+                    cand["stats_file"] = (
+                        stats_path(*size_args, cand["l2_clip_norm"], part_name(fraction))
+                        if uses
+                        else None
+                    )
+                    if run_tuning and run_tuning["selection"] == "public":
+                        pub = (r, run_tuning["public_dataset"], *size_args[2:])
+                        cand["public_stats_file"] = (
+                            stats_path(*pub, cand["l2_clip_norm"], "all") if uses else None
+                        )
+                        cand["final_stats_file"] = (
+                            stats_path(*size_args, cand["l2_clip_norm"], "all") if uses else None
+                        )
+                for eps in epsilons if private else [None]:
                     for seed in seeds if private else seeds[:1]:
                         runs.append(
                             dict(
@@ -132,41 +418,91 @@ def expand_runs(config: dict) -> list[dict]:
                                 private=private,
                                 epsilon=eps,
                                 delta=delta if private else None,
+                                accountant=accountant if private else None,
                                 budget=budget_name(eps),
                                 seed=seed,
-                                hyperparameters=hyper,
+                                hyperparameters=cands[0]["hyperparameters"],
+                                candidates=cands,
+                                tuning=copy.deepcopy(run_tuning),
+                                part=part_name(fraction),
                                 uses_stats=method in STATS_HEADS,
-                                transform=head.feature_transform,
-                                l2_clip_norm=head.l2_clip_norm,
+                                transform=cands[0]["transform"],
+                                l2_clip_norm=cands[0]["l2_clip_norm"],
                             )
                         )
     return runs
 
 
+@functools.lru_cache(maxsize=8)
+def _expand_cached(key: str) -> tuple[dict, ...]:
+    return tuple(_expand_uncached(json.loads(key)))
+
+
+def expand_runs(config: dict) -> list[dict]:
+    """Every head run the config asks for, as plain dicts (one per metrics.json).
+
+    Memoised on the config's content: Snakemake asks for one run per job.
+    """
+    keys = ("results_dir", "datasets", "backbones", "experiments")
+    try:
+        key = json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
+    except TypeError:
+        return _expand_uncached(config)
+    return [copy.deepcopy(r) for r in _expand_cached(key)]
+
+
+# ----------------------------------------------------------------------------- rule helpers
+
+
 def run_outputs(config: dict, run: dict) -> dict[str, str]:
-    d = run_dir(config["results_dir"], run["experiment"], run["method"], run["budget"], run["seed"])
+    d = run_dir(config["results_dir"], run)
     return {"metrics": str(Path(d, "metrics.json")), "head": str(Path(d, "head.npz"))}
 
 
-def run_inputs(config: dict, run: dict) -> dict[str, str]:
+def run_inputs(config: dict, run: dict) -> dict[str, Any]:
+    """Named inputs of a head run: feature stores and the cached statistics it reads."""
     r = config["results_dir"]
     args = (r, run["dataset"], run["backbone"], run["image_size"])
-    out = {"train": feature_path(*args, "train"), "test": feature_path(*args, "test")}
-    if run["uses_stats"]:
-        out["stats"] = stats_path(*args, run["transform"], run["l2_clip_norm"])
+    out: dict[str, Any] = {
+        "train": feature_path(*args, "train"),
+        "test": feature_path(*args, "test"),
+    }
+    keys = ("stats_file", "public_stats_file", "final_stats_file")
+    stats = sorted({c[k] for c in run["candidates"] for k in keys if c.get(k)})
+    if stats:
+        out["stats"] = stats
+    tuning = run.get("tuning")
+    if tuning and tuning["selection"] == "public":
+        pub = (r, tuning["public_dataset"], run["backbone"], run["image_size"])
+        out["public_train"] = feature_path(*pub, "train")
+        out["public_test"] = feature_path(*pub, "test")
     return out
 
 
-def find_run(config: dict, experiment: str, method: str, budget: str, seed: str | int) -> dict:
+def find_run(
+    config: dict,
+    experiment: str,
+    dataset: str,
+    backbone: str,
+    image_size: str | int,
+    method: str,
+    budget: str,
+    seed: str | int,
+) -> dict:
+    wanted = (experiment, dataset, backbone, str(image_size), method, budget, str(seed))
     for run in expand_runs(config):
-        if (run["experiment"], run["method"], run["budget"], str(run["seed"])) == (
-            experiment,
-            method,
-            budget,
-            str(seed),
-        ):
+        key = (
+            run["experiment"],
+            run["dataset"],
+            run["backbone"],
+            str(run["image_size"]),
+            run["method"],
+            run["budget"],
+            str(run["seed"]),
+        )
+        if key == wanted:
             return run
-    raise ConfigError(f"no run {experiment}/{method}/{budget}/seed{seed} in the config")
+    raise ConfigError(f"no run {'/'.join(wanted)} in the config")
 
 
 def experiment_metrics(config: dict, experiment: str) -> list[str]:
@@ -177,11 +513,36 @@ def experiment_metrics(config: dict, experiment: str) -> list[str]:
     ]
 
 
+def all_metrics(config: dict) -> list[str]:
+    return [run_outputs(config, r)["metrics"] for r in expand_runs(config)]
+
+
+def report_files(config: dict, experiment: str) -> dict[str, str]:
+    d = report_dir(config["results_dir"], experiment)
+    return {
+        "csv": str(Path(d, "summary.csv")),
+        "md": str(Path(d, "summary.md")),
+        "runs": str(Path(d, "runs.csv")),
+        "png": str(Path(d, "accuracy_vs_epsilon.png")),
+    }
+
+
+def index_files(config: dict) -> dict[str, str]:
+    d = Path(config["results_dir"], "reports")
+    return {
+        "index": str(d / "index.md"),
+        "ledger_csv": str(d / "ledger.csv"),
+        "ledger_md": str(d / "ledger.md"),
+        "png": str(d / "all_experiments.png"),
+    }
+
+
 def all_reports(config: dict) -> list[str]:
-    return [
+    out = [
         str(Path(report_dir(config["results_dir"], name), "accuracy_vs_epsilon.png"))
         for name in config["experiments"]
     ]
+    return out + list(index_files(config).values())
 
 
 def dataset_options(config: dict, dataset: str, split: str) -> dict:

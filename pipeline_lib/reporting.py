@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 __all__ = [
     "MetricsError",
     "SummaryRow",
+    "build_index",
     "build_report",
+    "terminal_summary",
     "load_runs",
     "plot_accuracy_vs_epsilon",
     "summarize",
@@ -205,6 +207,14 @@ class SummaryRow:
     median_train_accuracy: float | None  # None unless every run reports it
     median_spent_epsilon: float | None
     noise_multipliers: Mapping[str, float]  # median over seeds, per release name
+    setting: str = ""  # "dataset/backbone/<size>px" (empty for runs that do not say)
+    covers_tuning: bool | None = None  # True: target epsilon covers hyperparameter selection
+    median_per_run_epsilon: float | None = None  # tuned runs: the selected candidate alone
+
+    @property
+    def display_method(self) -> str:
+        """The method, marked when its epsilon covers a hyperparameter search."""
+        return f"{self.method} (tuned, ε covers tuning)" if self.covers_tuning else self.method
 
     @property
     def privacy_label(self) -> str:
@@ -216,6 +226,14 @@ class SummaryRow:
         )
 
 
+def run_setting(run: Mapping[str, Any]) -> str:
+    """ "dataset/backbone/<size>px" of a run, or "" when the metrics do not say."""
+    parts = [run.get("dataset"), run.get("backbone")]
+    if run.get("image_size") is not None:
+        parts.append(f"{run['image_size']}px")
+    return "/".join(str(p) for p in parts if p is not None)
+
+
 def _group_key(run: Mapping[str, Any]) -> tuple:
     return (
         run["experiment"],
@@ -224,6 +242,8 @@ def _group_key(run: Mapping[str, Any]) -> tuple:
         run["target_epsilon"],
         run["target_delta"],
         run["accountant"],
+        run_setting(run),
+        run.get("epsilon_covers_tuning"),
     )
 
 
@@ -231,7 +251,9 @@ def _sort_key(row: SummaryRow) -> tuple:
     inf = math.inf
     return (
         row.method,
+        bool(row.covers_tuning),
         inf if row.target_epsilon is None else row.target_epsilon,
+        row.setting,
         row.experiment,
         inf if row.target_delta is None else row.target_delta,
         row.accountant or "",
@@ -255,7 +277,8 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
 
     rows = []
     for key, members in groups.items():
-        experiment, method, private, target_epsilon, target_delta, accountant = key
+        experiment, method, private, target_epsilon, target_delta, accountant = key[:6]
+        setting, covers_tuning = key[6:]
         relations = {run.get("neighboring_relation") for run in members}
         if private and len(relations) > 1:
             files = ", ".join(str(run.get("metrics_path", "?")) for run in members)
@@ -300,6 +323,15 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                     else None
                 ),
                 noise_multipliers=multipliers,
+                setting=setting,
+                covers_tuning=covers_tuning,
+                median_per_run_epsilon=(
+                    statistics.median(
+                        float(run.get("per_run_epsilon") or run["spent_epsilon"]) for run in members
+                    )
+                    if private
+                    else None
+                ),
             )
         )
     return sorted(rows, key=_sort_key)
@@ -347,6 +379,9 @@ def _csv_columns(rows: Sequence[SummaryRow]) -> list[str]:
         "spread_test_accuracy",
         "median_train_accuracy",
         "median_spent_epsilon",
+        "setting",
+        "covers_tuning",
+        "median_per_run_epsilon",
         *(f"noise_multiplier_{name}" for name in names),
     ]
 
@@ -408,20 +443,29 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
         "Accuracies are test accuracies over seeds: median, min, max, and the spread "
         "(max − min) in percentage points (pp).",
         "",
-        "| Experiment | Method | Privacy (ε, δ) | Accountant | Spent ε (median) "
+        "Tuned rows chose among a hyperparameter grid; their ε covers that choice "
+        "(all candidates and the selection are accounted), and 'per-run ε' is what the "
+        "selected candidate alone would cost. Other rows used hyperparameters fixed in the "
+        "config; their ε does not cover how those were chosen.",
+        "",
+        "| Experiment | Data / backbone | Method | Privacy (ε, δ) | Accountant "
+        "| Spent ε (median) | Per-run ε | ε covers tuning "
         "| Test acc. (median) | Min | Max | Spread (pp) | Seeds | Noise multipliers (median) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if row.private:
             privacy = f"({_fmt(row.target_epsilon)}, {_fmt(row.target_delta)})"
             spent = _fmt(row.median_spent_epsilon)
             accountant = row.accountant or ""
+            per_run = f"{row.median_per_run_epsilon:.4g}" if row.median_per_run_epsilon else "—"
+            covers = "yes" if row.covers_tuning else "no (fixed in config)"
         else:
-            privacy, spent, accountant = "non-private", "—", "—"
+            privacy, spent, accountant, per_run, covers = "non-private", "—", "—", "—", "—"
         multipliers = ", ".join(f"{k}={v:.4g}" for k, v in row.noise_multipliers.items()) or "—"
         lines.append(
-            f"| {row.experiment} | {row.method} | {privacy} | {accountant} | {spent} "
+            f"| {row.experiment} | {row.setting or '—'} | {row.display_method} | {privacy} "
+            f"| {accountant} | {spent} | {per_run} | {covers} "
             f"| {_pct(row.median_test_accuracy)} | {_pct(row.min_test_accuracy)} "
             f"| {_pct(row.max_test_accuracy)} | {100 * row.spread_test_accuracy:.2f} "
             f"| {row.n_seeds} | {multipliers} |"
@@ -453,13 +497,22 @@ def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
     series: dict[tuple, list[SummaryRow]] = {}
     for row in rows:
         if row.private:
-            key = (row.experiment, row.method, row.target_delta, row.accountant)
+            key = (
+                row.experiment,
+                row.display_method,
+                row.target_delta,
+                row.accountant,
+                row.setting,
+            )
             series.setdefault(key, []).append(row)
     experiments = {row.experiment for row in rows}
+    settings_seen = {row.setting for row in rows if row.setting}
     handles: list[Any] = []  # legend order: DP lines, then baselines, as in the table
-    for (experiment, method, delta, accountant), members in series.items():
+    for (experiment, method, delta, accountant, setting), members in series.items():
         members = sorted(members, key=lambda r: r.target_epsilon)
         label = method if len(experiments) == 1 else f"{experiment}: {method}"
+        if len(settings_seen) > 1:
+            label += f" [{setting}]"
         if not one_setting:
             label += f" (δ = {_fmt(delta)}, {accountant})"
         medians = [100 * r.median_test_accuracy for r in members]
@@ -477,6 +530,8 @@ def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
         handles.append(container)
     for i, row in enumerate(r for r in rows if not r.private):
         label = row.method if len(experiments) == 1 else f"{row.experiment}: {row.method}"
+        if len(settings_seen) > 1:
+            label += f" [{row.setting}]"
         line = ax.axhline(
             100 * row.median_test_accuracy,
             linestyle="--",
@@ -531,7 +586,7 @@ def build_report(
     out_dir: str | os.PathLike,
     title: str,
 ) -> dict[str, Path]:
-    """Write summary.csv, summary.md and accuracy_vs_epsilon.png into ``out_dir``.
+    """Write summary.csv, summary.md, runs.csv and accuracy_vs_epsilon.png into ``out_dir``.
 
     Older outputs are removed first; then all inputs are loaded and checked; then
     each output is written under a temporary name and renamed into place only
@@ -542,6 +597,7 @@ def build_report(
     outputs = {
         "csv": out_dir / SUMMARY_CSV,
         "md": out_dir / SUMMARY_MD,
+        "runs": out_dir / RUNS_CSV,
         "png": out_dir / ACCURACY_PNG,
     }
     for path in outputs.values():  # a stale report must not outlive a failed rebuild
@@ -549,12 +605,244 @@ def build_report(
     metrics_paths = list(metrics_paths)
     if not metrics_paths:
         raise ValueError("build_report: no metrics files given")
-    rows = summarize(load_runs(metrics_paths))
+    runs = load_runs(metrics_paths)
+    rows = summarize(runs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(_atomic(path)) for kind, path in outputs.items()}
+        _write_runs_csv(runs, tmp["runs"])
         _write_csv(rows, tmp["csv"])
         _write_md(rows, tmp["md"], title)
         _plot(rows, tmp["png"], title)
     return outputs
+
+
+# --- per-run table, cross-experiment index, privacy ledger, terminal summary -------
+
+RUNS_CSV = "runs.csv"
+RUN_COLUMNS = (
+    "experiment",
+    "dataset",
+    "backbone",
+    "image_size",
+    "method",
+    "private",
+    "seed",
+    "target_epsilon",
+    "spent_epsilon",
+    "per_run_epsilon",
+    "epsilon_covers_tuning",
+    "target_delta",
+    "accountant",
+    "tuning_selection",
+    "selected_candidate",
+    "num_candidates",
+    "test_accuracy",
+    "hyperparameters",
+    "metrics_path",
+)
+
+
+def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
+    tuning = run.get("tuning") or {}
+    row = {key: run.get(key) for key in RUN_COLUMNS}
+    row.update(
+        private="true" if run["private"] else "false",
+        tuning_selection=tuning.get("selection"),
+        selected_candidate=tuning.get("selected"),
+        num_candidates=tuning.get("num_candidates", 1 if run["private"] else None),
+        hyperparameters=json.dumps(run.get("hyperparameters", {}), sort_keys=True),
+    )
+    if run.get("epsilon_covers_tuning") is not None:
+        row["epsilon_covers_tuning"] = "true" if run["epsilon_covers_tuning"] else "false"
+    return row
+
+
+def _write_runs_csv(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(RUN_COLUMNS))
+        writer.writeheader()
+        for run in sorted(runs, key=lambda r: (r["method"], r["target_epsilon"] or 0, r["seed"])):
+            writer.writerow({k: ("" if v is None else v) for k, v in _run_row(run).items()})
+
+
+def _ledger_md(rows) -> list[str]:
+    lines = [
+        "| Dataset | Releases | Experiments | Total ε | at δ (sum) | Accountant "
+        "| Largest single-run ε | Sum of run ε (basic composition) | Meaningful (δ < 1/N) |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.dataset} | {row.num_releases} | {', '.join(row.experiments)} "
+            f"| {row.epsilon_total:.4g} | {row.delta_total:.3g} | {row.accountant} "
+            f"| {row.max_run_epsilon:.4g} | {row.sum_run_epsilon:.4g} "
+            f"| {'yes' if row.meaningful else 'NO: δ_total ≥ 1/N'} |"
+        )
+    return lines
+
+
+LEDGER_NOTE = (
+    "The privacy ledger composes, per private dataset, every release the reports "
+    "publish (all experiments, methods, epsilons, seeds and tuning candidates) with "
+    "dp_accounting (the smaller of the PLD and RDP bounds). Each row's total is what "
+    "publishing all of these results costs that dataset; per-run epsilons in the "
+    "tables hold for one released head alone. Datasets are grouped by config key: "
+    "keys that name the same data (e.g. a subset) must be added up by the reader."
+)
+
+
+def best_per_epsilon(rows: Sequence[SummaryRow]) -> dict[tuple[str, str], list[SummaryRow]]:
+    """(experiment, setting) -> the best DP row (median accuracy) at each target ε."""
+    best: dict[tuple[str, str, float], SummaryRow] = {}
+    for row in rows:
+        if not row.private:
+            continue
+        key = (row.experiment, row.setting, row.target_epsilon)
+        if key not in best or row.median_test_accuracy > best[key].median_test_accuracy:
+            best[key] = row
+    out: dict[tuple[str, str], list[SummaryRow]] = {}
+    for (experiment, setting, _), row in sorted(best.items(), key=lambda kv: kv[0]):
+        out.setdefault((experiment, setting), []).append(row)
+    return out
+
+
+def _index_plot(rows: Sequence[SummaryRow], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    experiments = sorted({row.experiment for row in rows})
+    cols = min(3, len(experiments))
+    nrows = -(-len(experiments) // cols)
+    fig = Figure(figsize=(5.5 * cols, 4.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, experiment in enumerate(experiments):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        mine = [r for r in rows if r.experiment == experiment]
+        series: dict[tuple, list[SummaryRow]] = {}
+        for row in mine:
+            if row.private:
+                series.setdefault((row.display_method, row.setting), []).append(row)
+        settings = {r.setting for r in mine if r.setting}
+        for j, ((method, setting), members) in enumerate(sorted(series.items())):
+            members.sort(key=lambda r: r.target_epsilon)
+            med = [100 * r.median_test_accuracy for r in members]
+            ax.errorbar(
+                [r.target_epsilon for r in members],
+                med,
+                yerr=[
+                    [m - 100 * r.min_test_accuracy for m, r in zip(med, members, strict=True)],
+                    [100 * r.max_test_accuracy - m for m, r in zip(med, members, strict=True)],
+                ],
+                marker="o",
+                capsize=2,
+                color=f"C{j % 10}",
+                label=method + (f" [{setting}]" if len(settings) > 1 else ""),
+            )
+        for j, row in enumerate(r for r in mine if not r.private):
+            ax.axhline(
+                100 * row.median_test_accuracy,
+                linestyle="--",
+                color=f"C{(len(series) + j) % 10}",
+                label=f"{row.method} (non-private)",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("target ε (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(experiment, fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="x-small")
+    fig.savefig(path, format="png", dpi=110)
+
+
+def build_index(
+    metrics_paths: Iterable[str | os.PathLike],
+    outputs: Mapping[str, str | os.PathLike],
+    *,
+    descriptions: Mapping[str, str] | None = None,
+) -> dict[str, Path]:
+    """The cross-experiment report: index.md, ledger.csv, ledger.md, all_experiments.png.
+
+    ``outputs`` maps "index", "ledger_csv", "ledger_md", "png" to paths. Like
+    :func:`build_report`, nothing is left looking finished after a failure.
+    """
+    from pipeline_lib.privacy.ledger import compose_ledger
+
+    outs = {k: Path(v) for k, v in outputs.items()}
+    for path in outs.values():
+        path.unlink(missing_ok=True)
+    runs = load_runs(list(metrics_paths))
+    rows = summarize(runs)
+    ledger = compose_ledger(runs)
+    descriptions = dict(descriptions or {})
+
+    lines = [
+        "# DP image classification from pre-trained features: all experiments",
+        "",
+        "Accuracy is test accuracy (median over seeds). Every DP number is (ε, δ)-DP under "
+        "add-or-remove-one; non-private rows carry no guarantee.",
+        "",
+        "## Best DP method per ε",
+        "",
+    ]
+    for (experiment, setting), best in best_per_epsilon(rows).items():
+        lines.append(f"### {experiment} ({setting or 'setting not recorded'})")
+        if descriptions.get(experiment):
+            lines.append(f"{descriptions[experiment]}")
+        lines += [
+            "",
+            "| target ε | δ | best method | test acc. (median) | ε covers tuning |",
+            "|---:|---:|---|---:|---|",
+        ]
+        for row in best:
+            lines.append(
+                f"| {_fmt(row.target_epsilon)} | {_fmt(row.target_delta)} | {row.method} "
+                f"| {_pct(row.median_test_accuracy)} | {'yes' if row.covers_tuning else 'no'} |"
+            )
+        baselines = [r for r in rows if not r.private and r.experiment == experiment]
+        for row in baselines:
+            lines.append(
+                f"| — | — | {row.method} (non-private) | {_pct(row.median_test_accuracy)} | — |"
+            )
+        lines += ["", f"Full table: reports/{experiment}/summary.md", ""]
+    lines += ["## Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger), ""]
+
+    outs["index"].parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = {kind: stack.enter_context(_atomic(path)) for kind, path in outs.items()}
+        tmp["index"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp["ledger_md"].write_text(
+            "\n".join(["# Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger)]) + "\n",
+            encoding="utf-8",
+        )
+        with open(tmp["ledger_csv"], "w", newline="", encoding="utf-8") as f:
+            fields = [f.name for f in dataclasses.fields(ledger[0])] if ledger else ["dataset"]
+            writer = csv.DictWriter(f, fieldnames=[*fields, "meaningful"])
+            writer.writeheader()
+            for row in ledger:
+                record = dataclasses.asdict(row)
+                record["experiments"] = ";".join(row.experiments)
+                writer.writerow({**record, "meaningful": row.meaningful})
+        _index_plot(rows, tmp["png"])
+    return outs
+
+
+def terminal_summary(metrics_paths: Iterable[str | os.PathLike], reports_dir: str) -> str:
+    """A few lines for the end of a run: the best method per ε and where the reports are."""
+    rows = summarize(load_runs(list(metrics_paths)))
+    lines = ["", "=== DP heads: best method per target ε (median test accuracy) ==="]
+    for (experiment, setting), best in best_per_epsilon(rows).items():
+        lines.append(f"{experiment} [{setting}]:")
+        lines.append(
+            "  "
+            + "  ".join(
+                f"ε={_fmt(r.target_epsilon)}: {r.display_method} {_pct(r.median_test_accuracy)}"
+                for r in best
+            )
+        )
+    lines.append(
+        f"Reports: {reports_dir}/index.md (with the privacy ledger), "
+        f"{reports_dir}/<experiment>/summary.md; HTML: snakemake --report report.html"
+    )
+    return "\n".join(lines)

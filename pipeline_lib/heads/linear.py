@@ -27,6 +27,19 @@ def accuracy(
     transform: str,
 ) -> float:
     """Top-1 accuracy over the whole store, streamed chunk by chunk."""
+    kw = dict(l2_clip_norm=l2_clip_norm, transform=transform)
+    return num_correct(store, weights, bias, **kw) / store.num_examples
+
+
+def num_correct(
+    store: FeatureStore,
+    weights: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    l2_clip_norm: float,
+    transform: str,
+) -> int:
+    """Number of rows of the store whose top-1 prediction is right."""
     weights = jnp.asarray(weights, jnp.float32)
     bias = jnp.zeros(weights.shape[1], jnp.float32) if bias is None else jnp.asarray(bias)
     correct = 0
@@ -35,4 +48,4 @@ def accuracy(
             weights, bias, feats, l2_clip_norm=float(l2_clip_norm), transform=transform
         )
         correct += int(np.sum(np.asarray(jnp.argmax(logits, axis=-1)) == labels))
-    return correct / store.num_examples
+    return correct

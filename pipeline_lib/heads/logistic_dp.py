@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline_lib.privacy import noise
 from pipeline_lib.privacy.accounting import ACCOUNTANTS
 from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
 
@@ -104,7 +105,7 @@ class KeyStream:
     """Keys equal to `noise.release_key(seed, release, index=, step=)`, derived inside jit."""
 
     def __init__(self, seed: int, release: str):
-        key = jax.random.key(int(seed))
+        key = noise.seed_key(seed)
         self.base = jax.random.fold_in(key, zlib.crc32(release.encode()) & 0x7FFFFFFF)
         self.release = release
 

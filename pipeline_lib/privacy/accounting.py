@@ -146,14 +146,30 @@ def gaussian_equivalent_multiplier(noise_multipliers: list[float]) -> float:
 
 
 def privacy_statement(
-    *, method: str, epsilon: float, delta: float, accountant: str, covered: str
+    *,
+    method: str,
+    epsilon: float,
+    delta: float,
+    accountant: str,
+    covered: str,
+    tuning: str | None = None,
 ) -> str:
-    """A plain-language statement of the guarantee, written into every metrics file."""
+    """A plain-language statement of the guarantee, written into every metrics file.
+
+    ``tuning`` says how the hyperparameters were chosen when the epsilon covers that
+    choice; None means they were fixed in the config in advance (not covered).
+    """
+    if tuning is None:
+        tuning_text = (
+            "Not covered: hyperparameter choices made by looking at results (this run's "
+            "hyperparameters were fixed in the config in advance), "
+        )
+    else:
+        tuning_text = f"Hyperparameter selection IS covered ({tuning}). Not covered: "
     return (
         f"{method} satisfies ({epsilon:.6g}, {delta:.3g})-differential privacy under the "
         f"add-or-remove-one-example neighbouring relation, as computed by the dp_accounting "
         f"{accountant.upper()} accountant for the noise actually added. Covered: {covered}. "
-        "Not covered: hyperparameter choices made by looking at results (this run's "
-        "hyperparameters were fixed in the config in advance), the non-private test-set "
-        "evaluation, and the pre-trained backbone, which saw only public data."
+        f"{tuning_text}the non-private test-set evaluation, and the pre-trained backbone, "
+        "which saw only public data."
     )

@@ -1,14 +1,11 @@
 # Shared setup: the experiments file, the run table and path helpers.
 # All logic lives in pipeline_lib.experiments so that pytest can reach it.
-import yaml
-from snakemake.utils import validate
-
 from pipeline_lib import experiments as xp
 
-with open(config["experiments_file"]) as _f:
-    config["experiments"] = (yaml.safe_load(_f) or {}).get("experiments")
-validate(config, "../schemas/experiments.schema.yaml")
-RUNS = xp.expand_runs(config)  # raises a ConfigError naming experiment, key and value
+# Duplicate keys, unknown keys, wrong types, empty grids: each a ConfigError naming
+# the experiment, the key and the value (schema: workflow/schemas/experiments.schema.yaml).
+config["experiments"] = xp.load_experiments(config["experiments_file"])
+RUNS = xp.expand_runs(config)  # defaults applied here; cross-key checks (datasets, budgets)
 R = config["results_dir"]
 
 
@@ -18,14 +15,26 @@ def all_reports(cfg):
 
 def run_spec(wildcards):
     return xp.find_run(
-        config, wildcards.experiment, wildcards.method, wildcards.budget, wildcards.seed
+        config,
+        wildcards.experiment,
+        wildcards.dataset,
+        wildcards.backbone,
+        wildcards.image_size,
+        wildcards.method,
+        wildcards.budget,
+        wildcards.seed,
     )
 
 
 wildcard_constraints:
+    experiment=r"[^/]+",
+    dataset=r"[^/]+",
+    backbone=r"[^/]+",
+    method=r"[^/]+",
     budget=r"eps[0-9.e+-]+|nonprivate",
     seed=r"\d+",
     image_size=r"\d+",
     split=r"train|test",
     clip=r"[0-9.e+-]+",
     transform=r"clip|normalize",
+    part=r"all|fit[0-9.e-]+",

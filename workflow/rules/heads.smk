@@ -5,16 +5,18 @@ rule compute_stats:
     input:
         train=f"{R}/features/{{dataset}}/{{backbone}}/{{image_size}}px/train.zarr",
     output:
-        stats=f"{R}/stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}.npz",
+        stats=f"{R}/stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}-{{part}}.npz",
     log:
-        f"{R}/logs/compute_stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}.log",
+        f"{R}/logs/compute_stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}-{{part}}.log",
     params:
         l2_clip_norm=lambda w: float(w.clip),
         transform=lambda w: w.transform,
+        part=lambda w: w.part,
     resources:
         mem_mb=4000,
     message:
-        "Streaming X^T X and X^T Y of {wildcards.dataset}/{wildcards.backbone} (not released)"
+        "Streaming X^T X and X^T Y of {wildcards.dataset}/{wildcards.backbone} "
+        "({wildcards.part}; not released)"
     conda:
         "../../environment.yml"
     script:
@@ -25,17 +27,17 @@ rule fit_head:
     input:
         unpack(lambda w: xp.run_inputs(config, run_spec(w))),
     output:
-        metrics=f"{R}/runs/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}/metrics.json",
-        head=f"{R}/runs/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}/head.npz",
+        metrics=f"{R}/runs/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}/metrics.json",
+        head=f"{R}/runs/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}/head.npz",
     log:
-        f"{R}/logs/fit_head/{{experiment}}/{{method}}/{{budget}}/seed{{seed}}.log",
+        f"{R}/logs/fit_head/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}.log",
     params:
         spec=run_spec,
     resources:
         mem_mb=4000,
     message:
         "Fitting {wildcards.method} ({wildcards.budget}, seed {wildcards.seed}) "
-        "for {wildcards.experiment}"
+        "for {wildcards.experiment} on {wildcards.dataset}/{wildcards.backbone}"
     conda:
         "../../environment.yml"
     script:

@@ -1,25 +1,71 @@
-# Aggregation: accuracy-vs-epsilon tables and plot per experiment.
+# Aggregation: per-experiment tables and plots, the cross-experiment index and the
+# privacy ledger. Outputs wrapped in report() go into `snakemake --report report.html`.
 
 
 rule report_experiment:
     input:
         metrics=lambda w: xp.experiment_metrics(config, w.experiment),
     output:
-        csv=f"{R}/reports/{{experiment}}/summary.csv",
+        csv=report(
+            f"{R}/reports/{{experiment}}/summary.csv",
+            caption="../report/summary.rst",
+            category="{experiment}",
+            subcategory="Tables",
+            labels={"experiment": "{experiment}", "table": "summary over seeds"},
+        ),
         md=f"{R}/reports/{{experiment}}/summary.md",
+        runs=report(
+            f"{R}/reports/{{experiment}}/runs.csv",
+            caption="../report/runs.rst",
+            category="{experiment}",
+            subcategory="Tables",
+            labels={"experiment": "{experiment}", "table": "every run"},
+        ),
         png=report(
             f"{R}/reports/{{experiment}}/accuracy_vs_epsilon.png",
             caption="../report/accuracy_vs_epsilon.rst",
-            category="Accuracy vs epsilon",
-            labels={"experiment": "{experiment}"},
+            category="{experiment}",
+            subcategory="Accuracy vs epsilon",
+            labels={"experiment": "{experiment}", "figure": "accuracy vs epsilon"},
         ),
     log:
         f"{R}/logs/report_experiment/{{experiment}}.log",
     params:
-        title=lambda w: w.experiment,
+        title=lambda w: config["experiments"][w.experiment].get("description", w.experiment),
     message:
         "Summarising {wildcards.experiment}"
     conda:
         "../../environment.yml"
     script:
         "../scripts/report_experiment.py"
+
+
+rule report_index:
+    input:
+        metrics=xp.all_metrics(config),
+        experiment_reports=[xp.report_files(config, e)["png"] for e in config["experiments"]],
+    output:
+        index=f"{R}/reports/index.md",
+        ledger_csv=report(
+            f"{R}/reports/ledger.csv",
+            caption="../report/ledger.rst",
+            category="Privacy ledger",
+            labels={"table": "privacy ledger"},
+        ),
+        ledger_md=f"{R}/reports/ledger.md",
+        png=report(
+            f"{R}/reports/all_experiments.png",
+            caption="../report/all_experiments.rst",
+            category="All experiments",
+            labels={"figure": "accuracy vs epsilon, all experiments"},
+        ),
+    log:
+        f"{R}/logs/report_index.log",
+    params:
+        descriptions={k: v.get("description", "") for k, v in config["experiments"].items()},
+    message:
+        "Cross-experiment index and privacy ledger"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/report_index.py"

@@ -15,8 +15,9 @@ record = run_head(
     dict(snakemake.params.spec),  # noqa: F821
     train_store=inp.train,
     test_store=inp.test,
-    stats_path=inp.get("stats"),
     metrics_path=out.metrics,
     head_path=out.head,
+    public_train_store=inp.get("public_train"),
+    public_test_store=inp.get("public_test"),
 )
 log.info("%s", json.dumps(record, indent=2))

@@ -1,0 +1,113 @@
+"""A validation part held out from a training store, decided per example.
+
+Hyperparameter selection on private data needs a validation set carved out of
+the training split. Which rows go where must not depend on the other rows:
+under the add-or-remove-one relation, adding or removing one example must not
+move any *other* example between the parts (a split by position would: every
+later row shifts). So membership is a keyed hash of the example's own feature
+vector (features are a deterministic function of its image): an example is in
+the validation part iff ``hash(row) < fraction * 2**64``.
+
+:class:`RowSubset` presents one part as a store with the usual read interface
+(``num_examples``, ``chunk_rows``, ``read_chunk``, ``iter_chunks``, ...), its
+rows compacted into full chunks, so every head and the statistics code run on
+it unchanged and still stream (memory O(chunk), plus one index per row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline_lib.features.store import chunk_bounds, num_chunks
+
+__all__ = ["PARTS", "RowSubset", "holdout_mask"]
+
+PARTS = ("fit", "validation")
+_HASH_KEY = b"dp-features/validation-holdout/v1"
+
+
+def holdout_mask(features: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean (n,): True for rows in the validation part.
+
+    A pure function of each row's float32 bytes, so it is the same in every
+    process and for every chunking of the store.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    rows = np.ascontiguousarray(features, dtype=np.float32)
+    threshold = int(fraction * 2.0**64)
+    out = np.empty(len(rows), bool)
+    for i, row in enumerate(rows):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=_HASH_KEY).digest()
+        out[i] = int.from_bytes(digest, "little") < threshold
+    return out
+
+
+class RowSubset:
+    """The ``part`` ("fit" or "validation") of ``data`` for a validation ``fraction``.
+
+    ``data`` is a ``FeatureStore`` or anything with the same read interface.
+    Construction reads the store once to find the members; reads then touch
+    only the source chunks that hold the requested rows.
+    """
+
+    def __init__(self, data, *, part: str, fraction: float):
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+        self.data, self.part, self.fraction = data, part, float(fraction)
+        self.feature_dim, self.num_classes = int(data.feature_dim), int(data.num_classes)
+        self.chunk_rows = int(data.chunk_rows)
+        rows, start = [], 0
+        for feats, _ in data.iter_chunks():
+            in_validation = holdout_mask(feats, self.fraction)
+            keep = in_validation if part == "validation" else ~in_validation
+            rows.append(start + np.flatnonzero(keep))
+            start += len(feats)
+        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.num_examples = int(len(self.rows))
+        if self.num_examples == 0:
+            raise ValueError(
+                f"the {part} part (validation fraction {fraction}) of a store with "
+                f"{start} rows is empty; use a larger store or another fraction"
+            )
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.num_examples, self.chunk_rows)
+
+    def chunk_sizes(self) -> list[int]:
+        return [b - a for a, b in (self._bounds(c) for c in range(self.num_chunks))]
+
+    def _bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk_bounds(chunk, self.num_examples, self.chunk_rows)
+
+    def _source_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != c:
+            feats, labels = self.data.read_chunk(c)
+            self._cache = (c, np.asarray(feats), np.asarray(labels))
+        return self._cache[1], self._cache[2]
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self._bounds(chunk)
+        rows = self.rows[a:b]
+        src = rows // self.data.chunk_rows
+        feats = np.empty((len(rows), self.feature_dim), np.float32)
+        labels = np.empty(len(rows), np.int32)
+        for c in np.unique(src):
+            sel = src == c
+            f, y = self._source_chunk(int(c))
+            local = rows[sel] - int(c) * self.data.chunk_rows
+            feats[sel], labels[sel] = f[local], y[local]
+        return feats, labels
+
+    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for c in range(self.num_chunks):
+            yield self.read_chunk(c)
+
+    def read_all(self) -> tuple[np.ndarray, np.ndarray]:
+        parts = list(self.iter_chunks())
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -1,0 +1,96 @@
+"""The privacy ledger: everything released from each private dataset, composed.
+
+Every private run writes its whole release as a DpEvent (``dp_event_json`` in
+metrics.json). Publishing all runs of all experiments that trained on one
+dataset is one big adaptive composition, and its cost is what a reader of the
+reports should weigh, not the per-run epsilon alone. The ledger composes, per
+dataset, every released event with ``dp_accounting`` (PLD and RDP; both are
+valid upper bounds, the smaller is reported) and states the total epsilon at
+``delta_total`` = the sum of the runs' deltas (composition adds deltas).
+
+Two runs never share noise (each run draws from its own key, see
+``pipeline_lib.privacy.noise.run_seed``), which composition requires. The
+ledger groups by dataset key: two keys naming the same underlying data (for
+example a subset) are distinct keys here, and their totals must be added by
+the reader; the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import dp_accounting
+
+from pipeline_lib.privacy.accounting import make_accountant
+from pipeline_lib.privacy.events import event_from_json
+
+__all__ = ["LedgerRow", "compose_ledger"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LedgerRow:
+    dataset: str
+    num_releases: int
+    experiments: tuple[str, ...]
+    delta_total: float
+    epsilon_total: float  # min over the accountants that support every event
+    accountant: str  # which one gave epsilon_total
+    max_run_epsilon: float
+    sum_run_epsilon: float  # naive basic composition, for comparison
+    num_train: int | None  # N of the dataset's training split (max over runs)
+
+    @property
+    def meaningful(self) -> bool:
+        """delta_total < 1/N: otherwise the total guarantee is vacuous."""
+        return self.num_train is None or self.delta_total < 1.0 / self.num_train
+
+
+def _total_epsilon(events: list, delta: float) -> tuple[float, str]:
+    best = (math.inf, "none")
+    for name in ("pld", "rdp"):
+        accountant = make_accountant(name)
+        composed = dp_accounting.ComposedDpEvent(events)
+        if not accountant.supports(composed):
+            continue
+        accountant.compose(composed)
+        eps = float(accountant.get_epsilon(delta))
+        if eps < best[0]:
+            best = (eps, name)
+    return best
+
+
+def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
+    """One row per dataset with private runs; runs are loaded metrics.json dicts."""
+    by_dataset: dict[str, list[Mapping[str, Any]]] = {}
+    for run in runs:
+        if run.get("private"):
+            if "dp_event_json" not in run:
+                where = run.get("metrics_path", "a run")
+                raise ValueError(
+                    f"{where}: no dp_event_json; rerun it with this version so the "
+                    "ledger can compose its release"
+                )
+            by_dataset.setdefault(str(run.get("dataset", "?")), []).append(run)
+    rows = []
+    for dataset, members in sorted(by_dataset.items()):
+        events = [event_from_json(r["dp_event_json"]) for r in members]
+        delta_total = min(sum(float(r["spent_delta"]) for r in members), 0.999)
+        eps, accountant = _total_epsilon(events, delta_total)
+        sizes = [r.get("num_train") for r in members if r.get("num_train")]
+        rows.append(
+            LedgerRow(
+                dataset=dataset,
+                num_releases=len(members),
+                experiments=tuple(sorted({str(r["experiment"]) for r in members})),
+                delta_total=delta_total,
+                epsilon_total=eps,
+                accountant=accountant,
+                max_run_epsilon=max(float(r["spent_epsilon"]) for r in members),
+                sum_run_epsilon=sum(float(r["spent_epsilon"]) for r in members),
+                num_train=max(sizes) if sizes else None,
+            )
+        )
+    return rows
