@@ -32,10 +32,12 @@ def test_expansion_counts_and_paths():
     assert r["hyperparameters"]["accountant"] == "pld"  # experiment default applied
     assert r["hyperparameters"]["l2_clip_norm"] == 2.0
     inputs = xp.run_inputs(BASE, r)
-    assert inputs["stats"] == "results/stats/fm/efficientnet_lite0/64px/normalize-C2.npz"
+    assert inputs["stats"] == ["results/stats/fm/efficientnet_lite0/64px/normalize-C2-all.npz"]
     assert inputs["train"] == "results/features/fm/efficientnet_lite0/64px/train.zarr"
     out = xp.run_outputs(BASE, r)
-    assert out["metrics"] == "results/runs/e1/dp_ls/eps0.5/seed0/metrics.json"
+    assert out["metrics"] == (
+        "results/runs/e1/fm/efficientnet_lite0/64px/dp_ls/eps0.5/seed0/metrics.json"
+    )
     logistic = [r for r in runs if r["method"] == "nonprivate_logistic"]
     assert len(logistic) == 1 and "stats" not in xp.run_inputs(BASE, logistic[0])
 
@@ -62,7 +64,7 @@ def test_default_experiments_file_expands():
         (("dataset",), "mnist", r"experiment 'e1': dataset 'mnist' is not defined"),
         (("epsilons",), [0, 1], r"experiment 'e1': target epsilon must be > 0, got 0"),
         (("delta",), 1.5, r"experiment 'e1': target delta must be in \(0, 1\)"),
-        (("seeds",), [1, 1], "distinct"),
+        (("seeds",), [1, 1], "has duplicates"),
         (("accountant",), "zcdp", r"accountant='zcdp'; allowed: \['pld', 'rdp'\]"),
         (("methods", "dp_magic"), {}, r"methods.dp_magic: unknown method"),
         (
@@ -90,3 +92,200 @@ def test_missing_required_key():
     del cfg["experiments"]["e1"]["delta"]
     with pytest.raises(xp.ConfigError, match="experiment 'e1': missing required key 'delta'"):
         xp.expand_runs(cfg)
+
+
+# --- issue 5: grids, tuning, several datasets/backbones, defaults, bad input -------------
+
+
+def _cfg(**changes):
+    cfg = copy.deepcopy(BASE)
+    cfg["experiments"]["e1"].update(changes)
+    return cfg
+
+
+def test_defaults_are_applied_here():
+    exp = copy.deepcopy(BASE["experiments"]["e1"])
+    del exp["baselines"]
+    runs = xp.expand_runs({**BASE, "experiments": {"e1": exp}})
+    assert {r["accountant"] for r in runs} == {"pld"}
+    assert all(r["tuning"] is None and r["part"] == "all" for r in runs)
+    tuned = xp.expand_runs(
+        _cfg(methods={"dp_ls": {"ridge_lambda": [0.1, 1.0]}}, tuning={"selection": "private"})
+    )
+    assert tuned[0]["tuning"]["validation_fraction"] == 0.1  # default
+    assert tuned[0]["part"] == "fit0.1"
+
+
+def test_grid_expands_to_candidates_of_one_run():
+    cfg = _cfg(
+        methods={"dp_sgd": {"learning_rate": [1.0, 2.0], "epochs": [1, 2, 3]}},
+        tuning={"selection": "private", "validation_fraction": 0.2},
+    )
+    runs = [r for r in xp.expand_runs(cfg) if r["private"]]
+    assert len(runs) == 3 * 2  # epsilons x seeds: the grid does not multiply runs
+    cands = runs[0]["candidates"]
+    assert len(cands) == 6
+    combos = {
+        (c["hyperparameters"]["learning_rate"], c["hyperparameters"]["epochs"]) for c in cands
+    }
+    assert combos == {(lr, ep) for lr in (1.0, 2.0) for ep in (1, 2, 3)}
+
+
+def test_tuned_stats_head_reads_fit_part_statistics():
+    cfg = _cfg(
+        methods={"dp_ls": {"l2_clip_norm": [1.0, 2.0]}},
+        tuning={"selection": "private", "validation_fraction": 0.25},
+    )
+    run = next(r for r in xp.expand_runs(cfg) if r["private"])
+    assert xp.run_inputs(cfg, run)["stats"] == [
+        f"results/stats/fm/efficientnet_lite0/64px/normalize-C{c}-fit0.25.npz" for c in (1, 2)
+    ]
+
+
+def test_public_selection_needs_public_stores():
+    cfg = _cfg(
+        methods={"dp_ls": {"ridge_lambda": [0.1, 1.0]}},
+        tuning={"selection": "public", "public_dataset": "pub"},
+    )
+    cfg["datasets"]["pub"] = {"source": "fashion_mnist"}
+    run = next(r for r in xp.expand_runs(cfg) if r["private"])
+    inputs = xp.run_inputs(cfg, run)
+    assert inputs["public_train"] == "results/features/pub/efficientnet_lite0/64px/train.zarr"
+    assert "results/stats/pub/efficientnet_lite0/64px/normalize-C1-all.npz" in inputs["stats"]
+    assert "results/stats/fm/efficientnet_lite0/64px/normalize-C1-all.npz" in inputs["stats"]
+
+
+def test_several_datasets_and_backbones_multiply_runs():
+    cfg = _cfg(backbones=["efficientnet_lite0", "efficientnet_lite1"])
+    del cfg["experiments"]["e1"]["backbone"]
+    cfg["datasets"]["fm2"] = {"source": "fashion_mnist"}
+    cfg["experiments"]["e1"]["datasets"] = ["fm", "fm2"]
+    del cfg["experiments"]["e1"]["dataset"]
+    runs = xp.expand_runs(cfg)
+    assert len(runs) == 4 * (6 + 2)
+    paths = {xp.run_outputs(cfg, r)["metrics"] for r in runs}
+    assert len(paths) == len(runs)
+
+
+def test_adding_a_seed_only_adds_runs():
+    cfg = _cfg(seeds=[0, 1, 2])
+    before = {xp.run_outputs(BASE, r)["metrics"] for r in xp.expand_runs(BASE)}
+    after = {xp.run_outputs(cfg, r)["metrics"] for r in xp.expand_runs(cfg)}
+    assert before < after and len(after - before) == 3  # one per epsilon, baselines unchanged
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"methods": {"dp_ls": {"ridge_lambda": [0.1, 1.0]}}}, "no 'tuning' block"),
+        ({"methods": {"dp_ls": {"ridge_lambda": []}}}, r"empty grid \[\]"),
+        ({"methods": {"dp_ls": {"ridge_lambda": [1.0, 1.0]}}}, "duplicate values"),
+        ({"baselines": {"nonprivate_ridge": {"ridge_lambda": [1, 2]}}}, "single values, not grids"),
+        ({"backbone": "resnet50"}, "backbone 'resnet50' is unknown"),
+        ({"epsilons": []}, "'epsilons' is an empty list"),
+        ({"tuning": {"selection": "oracle"}}, r"tuning.selection='oracle'"),
+        ({"tuning": {"selection": "public"}}, "needs tuning.public_dataset"),
+        ({"tuning": {"selection": "public", "public_dataset": "fm"}}, "private dataset itself"),
+        ({"tuning": {"selection": "private", "validation_fraction": 0.7}}, r"in \(0, 0.5\)"),
+        (
+            {
+                "methods": {"dp_sgd": {"learning_rate": list(range(1, 66))}},
+                "tuning": {"selection": "private"},
+            },
+            "at most 64",
+        ),
+    ],
+)
+def test_bad_grids_and_tuning(changes, match):
+    with pytest.raises(xp.ConfigError, match=match):
+        xp.expand_runs(_cfg(**changes))
+
+
+def test_delta_not_below_one_over_n_is_rejected_when_n_is_known():
+    cfg = _cfg(delta=1e-3)
+    cfg["datasets"]["fm"]["max_train_examples"] = 2000
+    with pytest.raises(xp.ConfigError, match=r"delta=0.001 must be < 1/N = 0.0005 \(N=2000"):
+        xp.expand_runs(cfg)
+
+
+def test_missing_data_path_is_an_error_naming_the_key(tmp_path):
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"]["fm"]["data_dir"] = str(tmp_path / "nowhere")
+    with pytest.raises(xp.ConfigError, match=r"datasets.fm.data_dir: .*nowhere.* does not exist"):
+        xp.expand_runs(cfg)
+
+
+def test_config_defined_backbone_is_known():
+    cfg = _cfg(backbone="my_vit")
+    cfg["backbones"] = {"my_vit": {"model": "vit", "variant": "B/16", "checkpoint": "x.npz"}}
+    assert xp.expand_runs(cfg)[0]["backbone"] == "my_vit"
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "experiments.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+experiments:
+  a:
+    dataset: fm
+    backbone: efficientnet_lite0
+    image_size: 32
+    epsilons: [1]
+    delta: 1.0e-5
+    seeds: [0]
+    methods: {dp_ls: {l2_clip_norm: 1.0}}
+"""
+
+
+def test_load_experiments_accepts_the_shipped_files():
+    assert "fashion_mnist_lite0" in xp.load_experiments("config/experiments.yaml")
+    assert "tiny_tuned" in xp.load_experiments("tests/workflow/experiments.yaml")
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda t: t + "  a:\n    dataset: fm\n",
+            r"duplicate key 'a' at line \d+ \(first at line \d+\)",
+        ),
+        (lambda t: t.replace("seeds: [0]", "seeds: [0]\n    seeds: [1]"), "duplicate key 'seeds'"),
+        (
+            lambda t: t.replace("image_size: 32", "image_size: 32\n    lr: 3"),
+            r"'lr' was unexpected",
+        ),
+        (lambda t: t.replace("image_size: 32", "image_size: big"), r"key image_size: value 'big'"),
+        (lambda t: t.replace("epsilons: [1]", "epsilons: [-1]"), r"key epsilons.0: value -1"),
+        (lambda t: t.replace("epsilons: [1]", "epsilons: []"), "key epsilons: value \\[\\]"),
+        (lambda t: t.replace("dp_ls:", "dp_magic:"), r"'dp_magic' was unexpected"),
+        (lambda t: t.replace("l2_clip_norm: 1.0", "l2_clip_norm: []"), "l2_clip_norm: value"),
+        (lambda t: t.replace("l2_clip_norm: 1.0", "l2_clip: 1.0"), r"'l2_clip' was unexpected"),
+        (lambda t: t.replace("delta: 1.0e-5", "delta: one"), r"key delta: value 'one'"),
+    ],
+)
+def test_bad_experiments_file_names_experiment_key_and_value(tmp_path, edit, match):
+    path = _write(tmp_path, edit(GOOD))
+    with pytest.raises(xp.ConfigError, match=match) as info:
+        xp.load_experiments(path)
+    assert str(path) in str(info.value)
+
+
+def test_schema_lists_exactly_the_head_hyperparameters():
+    import dataclasses
+
+    from pipeline_lib.heads import HEADS
+
+    schema = yaml.safe_load(xp.SCHEMA_PATH.read_text())
+    entry = schema["properties"]["experiments"]["additionalProperties"]["properties"]
+    described = {**entry["methods"]["properties"], **entry["baselines"]["properties"]}
+    assert set(described) == set(HEADS)
+    for name, cls in HEADS.items():
+        skip = set(getattr(cls, "CALIBRATION_FIELDS", ("noise_multiplier",))) | {"accountant"}
+        fields = {f.name for f in dataclasses.fields(cls)} - skip
+        keys = set(described[name]["properties"])
+        assert keys == fields, name
+        for key, spec in described[name]["properties"].items():
+            assert spec.get("description") or "$ref" in spec, (name, key)

@@ -9,9 +9,8 @@ without touching callers.
 from __future__ import annotations
 
 import os
-from typing import Protocol
-
 from collections.abc import Mapping
+from typing import Protocol
 
 from pipeline_lib.data.dataset import ImageDataset, ImageSource
 from pipeline_lib.data.idx import IdxFormatError, read_idx

@@ -1,5 +1,6 @@
 """Noise independence across releases, classes and steps."""
 
+import jax
 import numpy as np
 
 from pipeline_lib.privacy import noise
@@ -41,3 +42,25 @@ def test_steps_are_independent():
     a = np.asarray(noise.gaussian_per_class(0, "grad", 3, 20_000, 1.0, step=0))
     b = np.asarray(noise.gaussian_per_class(0, "grad", 3, 20_000, 1.0, step=1))
     assert correlation_between_classes(np.concatenate([a, b])) < 0.05
+
+
+def test_seeds_above_32_bits_are_not_truncated():
+    """jax.random.key keeps only 32 bits without x64; seed_key must not."""
+    from pipeline_lib.privacy.noise import run_seed, seed_key
+
+    low = 12345
+    high = low + (7 << 32)
+    a = jax.random.normal(seed_key(low), (4,))
+    b = jax.random.normal(seed_key(high), (4,))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(
+        jax.random.key_data(seed_key(low)), jax.random.key_data(jax.random.key(low))
+    )
+    # Runs differing only in epsilon, seed or candidate get different seeds.
+    seeds = {
+        run_seed("e", "d", "b", 32, "dp_ls", budget, s, *cand)
+        for budget in ("eps1", "eps2")
+        for s in (0, 1)
+        for cand in ((), (0,), (1,))
+    }
+    assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
