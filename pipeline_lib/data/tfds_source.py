@@ -235,15 +235,25 @@ def _remedy(key: str, tfds_name: str, allow_network: bool) -> str:
     )
 
 
-def _prepared_dir(tfds: Any, tfds_name: str, data_dir: str | None) -> str:
-    """A note on where TFDS looked for prepared data, for error messages ("" if unknown)."""
+def _prepared(tfds: Any, tfds_name: str, data_dir: str | None) -> tuple[str, list[str]]:
+    """(a note on where TFDS looked for prepared data, its split names), for error messages."""
     try:
-        version_dir = str(tfds.builder(tfds_name, data_dir=data_dir).data_dir)
+        builder = tfds.builder(tfds_name, data_dir=data_dir)
+        version_dir = str(builder.data_dir)
     except Exception:
-        return ""
+        return "", []
     if not os.path.isfile(os.path.join(version_dir, "dataset_info.json")):
-        return f": no prepared data at {version_dir}"
-    return f": prepared data at {version_dir}"
+        return f": no prepared data at {version_dir}", []
+    try:
+        splits = sorted(str(split) for split in builder.info.splits)
+    except Exception:
+        splits = []
+    return f": prepared data at {version_dir}", splits
+
+
+def _split_names(tfds_split: str) -> set[str]:
+    """The split names a TFDS split string refers to: "train[:10%]+validation" -> both."""
+    return {part.split("[", 1)[0].strip() for part in tfds_split.split("+")}
 
 
 def open_tfds(name: str, spec: Mapping, split: str) -> TfdsSource:
@@ -299,7 +309,15 @@ def open_tfds(name: str, spec: Mapping, split: str) -> TfdsSource:
             "from the TFDS catalog (https://www.tensorflow.org/datasets/catalog), e.g. cifar10"
         ) from exc
     except Exception as exc:  # TFDS raises many types here; all mean "could not open it"
-        found = _prepared_dir(tfds, tfds_name, data_dir)
+        found, known_splits = _prepared(tfds, tfds_name, data_dir)
+        unknown = sorted(_split_names(tfds_split) - set(known_splits))
+        if known_splits and unknown:
+            raise ValueError(
+                f"{where}.splits.{split}={tfds_split!r}: {tfds_name!r} in {dir_text} has no "
+                f"split {', '.join(map(repr, unknown))}; its splits are "
+                f"{', '.join(known_splits)}. Map {split} to one of them with "
+                f"datasets.{name}.splits (e.g. {{{split}: {known_splits[-1]}}})"
+            ) from exc
         raise DatasetUnavailableError(
             f"{what}: TFDS could not open it{found} ({_short(exc)}). "
             + _remedy(name, tfds_name, allow_network)
