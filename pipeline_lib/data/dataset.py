@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, runtime_checkable
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -13,8 +16,13 @@ __all__ = [
     "ImageSource",
     "check_image",
     "check_row_range",
+    "default_decode_threads",
+    "map_in_threads",
     "stack_if_uniform",
 ]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class DatasetUnavailableError(FileNotFoundError):
@@ -170,3 +178,24 @@ def stack_if_uniform(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
     if images and all(image.shape == images[0].shape for image in images):
         return np.stack(images)
     return images
+
+
+def default_decode_threads() -> int:
+    """Threads for decoding images in one read: the usable CPUs, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def map_in_threads(function: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
+    """``[function(x) for x in items]``, in order, using up to ``threads`` threads.
+
+    Image decoders (PIL) release the GIL, so threads speed up decoding a batch.
+    The first exception raised by ``function`` (in item order) propagates.
+    """
+    if threads <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(function, items))

@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_lib.data import spec as specs
-from pipeline_lib.data.dataset import DatasetUnavailableError, check_row_range, stack_if_uniform
+from pipeline_lib.data.dataset import (
+    DatasetUnavailableError,
+    check_row_range,
+    default_decode_threads,
+    map_in_threads,
+    stack_if_uniform,
+)
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -81,6 +87,10 @@ def decode_image_file(path: str | os.PathLike) -> np.ndarray:
     return rgb
 
 
+def _decode(path: Path) -> np.ndarray:
+    return decode_image_file(path)  # looked up at call time, so tests can count calls
+
+
 class ImageFolderSource:
     """One split of an image-folder dataset; files are decoded on demand.
 
@@ -92,6 +102,7 @@ class ImageFolderSource:
       class_names: the class folder names, sorted; label i is class_names[i].
       files: the image paths, one per row, in row order.
       labels: int32 (N,), one per row.
+      decode_threads: threads that decode the files of one read (default: CPUs, at most 8).
     """
 
     def __init__(
@@ -111,6 +122,7 @@ class ImageFolderSource:
         self.class_names = tuple(class_names)
         self.files = tuple(files)
         self.labels = labels
+        self.decode_threads = default_decode_threads()
         self._lock = threading.Lock()
 
     @property
@@ -126,7 +138,7 @@ class ImageFolderSource:
         where = f"datasets.{self.name} ({self.split}, {self.folder})"
         start, stop = check_row_range(start, stop, self.num_examples, where)
         with self._lock:
-            images = [decode_image_file(path) for path in self.files[start:stop]]
+            images = map_in_threads(_decode, self.files[start:stop], self.decode_threads)
         return stack_if_uniform(images), self.labels[start:stop].copy()
 
     def __repr__(self) -> str:

@@ -28,6 +28,8 @@ from pipeline_lib.data.dataset import (
     DatasetUnavailableError,
     check_image,
     check_row_range,
+    default_decode_threads,
+    map_in_threads,
     stack_if_uniform,
 )
 
@@ -138,6 +140,8 @@ class TfdsSource:
       split: our split name, "train" or "test".
       source: "tfds:<tfds_name>/<tfds split>" and the data dir, for logs and store attributes.
       tfds_name, tfds_split, data_dir, image_key, label_key: where the records come from.
+      decode_threads: threads that fetch and decode the records of one read (default:
+        CPUs, at most 8); TFDS's array_record reader is thread-safe.
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class TfdsSource:
         self._records = records
         self._num_examples = int(num_examples)
         self._num_classes = int(num_classes)
+        self.decode_threads = default_decode_threads()
         self._lock = threading.Lock()
 
     @property
@@ -179,33 +184,35 @@ class TfdsSource:
         row = "" if index is None else f" record {index}"
         return f"datasets.{self.name} ({self.split}, {self.source}){row}"
 
+    def _record(self, index: int) -> tuple[np.ndarray, int]:
+        """Fetch and decode record ``index``: (checked image, checked label)."""
+        where = self._where(index)
+        try:
+            record = self._records[index]  # one at a time: TFDS's mock ignores batched reads
+        except Exception as exc:
+            raise DatasetUnavailableError(
+                f"{where}: TFDS failed to read it ({_short(exc)}); the prepared "
+                "files may be incomplete or corrupt: prepare the dataset again"
+            ) from exc
+        image = check_image(np.asarray(record[self.image_key]), where)
+        label = int(np.asarray(record[self.label_key]))
+        if not 0 <= label < self._num_classes:
+            raise ValueError(
+                f"{where}: label {label} outside [0, {self._num_classes}) "
+                f"(label_key {self.label_key!r})"
+            )
+        return image, label
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
         """Rows [start, stop): (images uint8, labels int32); see ``ImageSource``.
 
-        Records are fetched one at a time (batched reads are not reliable across
-        TFDS versions, and its mock ignores them).
+        Only these records are fetched and decoded, in ``decode_threads`` threads.
         """
         start, stop = check_row_range(start, stop, self._num_examples, self._where())
-        images: list[np.ndarray] = []
-        labels = np.empty(stop - start, dtype=np.int32)
         with self._lock:
-            for row, index in enumerate(range(start, stop)):
-                where = self._where(index)
-                try:
-                    record = self._records[index]
-                except Exception as exc:
-                    raise DatasetUnavailableError(
-                        f"{where}: TFDS failed to read it ({_short(exc)}); the prepared "
-                        "files may be incomplete or corrupt: prepare the dataset again"
-                    ) from exc
-                images.append(check_image(np.asarray(record[self.image_key]), where))
-                label = int(np.asarray(record[self.label_key]))
-                if not 0 <= label < self._num_classes:
-                    raise ValueError(
-                        f"{where}: label {label} outside [0, {self._num_classes}) "
-                        f"(label_key {self.label_key!r})"
-                    )
-                labels[row] = label
+            rows = map_in_threads(self._record, range(start, stop), self.decode_threads)
+        images = [image for image, _ in rows]
+        labels = np.array([label for _, label in rows], dtype=np.int32).reshape(-1)
         return stack_if_uniform(images), labels
 
     def __repr__(self) -> str:

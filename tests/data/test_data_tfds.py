@@ -254,10 +254,20 @@ def test_read_fetches_only_the_rows_asked_for(monkeypatch):
     data = _open("fake")
     assert fake.accessed == []  # opening decodes nothing
     images, labels = data.read(3, 6)
-    assert fake.accessed == [3, 4, 5]
+    assert sorted(fake.accessed) == [3, 4, 5]  # fetched in threads, in any order
     assert images.shape == (3, 4, 5)
     np.testing.assert_array_equal(images[:, 0, 0], [3, 4, 5])
     np.testing.assert_array_equal(labels, [0, 1, 2])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_errors_follow_row_order_in_any_thread_count(monkeypatch, threads):
+    records = [{"image": _grey(0), "label": label} for label in (0, 1, 7, 9, 0)]
+    _fake(monkeypatch, records, num_classes=3)
+    data = _open("fake")
+    data.decode_threads = threads
+    with pytest.raises(ValueError, match=r"record 2: label 7 outside"):
+        data.read(0, 5)
 
 
 def test_num_classes_missing_from_metadata(monkeypatch):
