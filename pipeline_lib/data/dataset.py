@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, runtime_checkable
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ImageDataset", "ImageSource"]
+__all__ = [
+    "DatasetUnavailableError",
+    "ImageDataset",
+    "ImageSource",
+    "check_image",
+    "check_row_range",
+    "default_decode_threads",
+    "map_in_threads",
+    "stack_if_uniform",
+]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class DatasetUnavailableError(FileNotFoundError):
+    """The data is not on this machine and no allowed source could provide it."""
 
 
 @runtime_checkable
@@ -128,3 +147,55 @@ class ImageDataset:
             f"images={self.images.dtype}{list(self.images.shape)}, "
             f"num_classes={self.num_classes}, source={self.source!r})"
         )
+
+
+def check_row_range(start: int, stop: int, num_examples: int, where: str) -> tuple[int, int]:
+    """Return (start, stop) as ints if 0 <= start <= stop <= num_examples, else raise IndexError."""
+    for value in (start, stop):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{where}: row bounds must be ints, got {value!r}")
+    start, stop = int(start), int(stop)
+    if not 0 <= start <= stop <= num_examples:
+        raise IndexError(f"{where}: rows [{start}, {stop}) outside [0, {num_examples})")
+    return start, stop
+
+
+def check_image(image: np.ndarray, where: str) -> np.ndarray:
+    """Check one decoded image: uint8, (H, W), (H, W, 1) or (H, W, 3), no empty dimension."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8, got {image.dtype}")
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
+        raise ValueError(
+            f"{where}: images must have shape (H, W), (H, W, 1) or (H, W, 3), got {image.shape}"
+        )
+    if 0 in image.shape:
+        raise ValueError(f"{where}: the image has an empty dimension: shape {image.shape}")
+    return image
+
+
+def stack_if_uniform(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One (n, H, W[, C]) array when every image has the same shape, else the list itself."""
+    if images and all(image.shape == images[0].shape for image in images):
+        return np.stack(images)
+    return images
+
+
+def default_decode_threads() -> int:
+    """Threads for decoding images in one read: the usable CPUs, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def map_in_threads(function: Callable[[_T], _R], items: Sequence[_T], threads: int) -> list[_R]:
+    """``[function(x) for x in items]``, in order, using up to ``threads`` threads.
+
+    Image decoders (PIL) release the GIL, so threads speed up decoding a batch.
+    The first exception raised by ``function`` (in item order) propagates.
+    """
+    if threads <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(function, items))

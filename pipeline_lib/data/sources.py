@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_lib.data.dataset import ImageDataset
+from pipeline_lib.data.dataset import DatasetUnavailableError, ImageDataset
 from pipeline_lib.data.idx import read_idx
 from pipeline_lib.data.tfds_source import TfdsUnavailableError, read_tfds_split
 
@@ -30,10 +30,6 @@ FASHION_MNIST_NUM_CLASSES = 10
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}  # our split -> IDX file prefix
 _INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 _NETWORK_KEY = "allow_network: true"
-
-
-class DatasetUnavailableError(FileNotFoundError):
-    """The data is not on this machine and no allowed source could provide it."""
 
 
 def _check_max_examples(max_examples: int | None, where: str) -> None:
