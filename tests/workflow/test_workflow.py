@@ -1,6 +1,8 @@
 """End-to-end: the tiny workflow on a few hundred real Fashion-MNIST images, and lint."""
 
+import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.slow
+SETTING = Path("fashion_mnist_tiny", "efficientnet_lite0", "32px")
+
+
+def RUNS(work: Path) -> Path:  # noqa: N802
+    return work / "results" / "runs"
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -46,7 +53,8 @@ def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("wf")
     for name in ("config.yaml", "experiments.yaml"):
         shutil.copy(HERE / name, work / name)
-    snakemake(work)
+    proc = snakemake(work)
+    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
     return work
 
 
@@ -86,8 +94,15 @@ def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_run):
     (tiny_run / "config.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(tiny_run, "-n")
     counts = job_counts(proc.stdout + proc.stderr)
-    # 4 private methods x 2 seeds at the new epsilon, one report; nothing else recomputed
-    assert counts == {"fit_head": 8, "report_experiment": 1, "all": 1, "total": 10}, counts
+    # 4 private methods x 2 seeds at the new epsilon, its experiment's report and the
+    # cross-experiment index; no extraction, no statistics, no other head run
+    assert counts == {
+        "fit_head": 8,
+        "report_experiment": 1,
+        "report_index": 1,
+        "all": 1,
+        "total": 11,
+    }, counts
 
 
 def job_counts(text: str) -> dict[str, int]:
@@ -138,7 +153,7 @@ def test_released_head_reproduces_reported_accuracy(tiny_run):
     from pipeline_lib.features.store import FeatureStore
     from pipeline_lib.heads.released import load_head
 
-    run = tiny_run / "results" / "runs" / "tiny" / "dp_ls" / "eps8" / "seed0"
+    run = RUNS(tiny_run) / "tiny" / SETTING / "dp_ls" / "eps8" / "seed0"
     head = load_head(run / "head.npz")
     metrics = json.loads((run / "metrics.json").read_text())
     assert head.private and head.epsilon == metrics["spent_epsilon"] <= 8
@@ -150,3 +165,114 @@ def test_released_head_reproduces_reported_accuracy(tiny_run):
     assert np.mean(head.predict(x) == y) == pytest.approx(metrics["test_accuracy"])
     with pytest.raises(ValueError, match="features must have shape"):
         head.predict(x[:, :10])
+
+
+def _metrics(work: Path, experiment: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in (RUNS(work) / experiment).rglob("metrics.json")]
+
+
+def test_tuned_experiment_reports_per_run_and_total_epsilon(tiny_run):
+    runs = _metrics(tiny_run, "tiny_tuned")
+    assert sorted(r["method"] for r in runs) == ["dp_ls", "dp_sgd"]
+    for r in runs:
+        assert r["epsilon_covers_tuning"] is True
+        assert r["spent_epsilon"] <= r["target_epsilon"] == 4
+        assert r["per_run_epsilon"] < r["spent_epsilon"]  # one candidate alone costs less
+        tuning = r["tuning"]
+        assert tuning["selection"] == "private" and tuning["num_candidates"] == 2
+        assert tuning["selected"] in (0, 1)
+        assert r["hyperparameters"] == tuning["candidates"][tuning["selected"]]["hyperparameters"]
+        assert "IS covered" in r["privacy_statement"]
+        assert r["num_train_fit"] < r["num_train"]
+    untuned = _metrics(tiny_run, "tiny")
+    assert all(r["epsilon_covers_tuning"] is False for r in untuned if r["private"])
+    report = tiny_run / "results" / "reports" / "tiny_tuned"
+    md = (report / "summary.md").read_text()
+    assert "tuned, ε covers tuning" in md and "Per-run ε" in md
+    rows = list(csv.DictReader(open(report / "runs.csv")))
+    assert {row["epsilon_covers_tuning"] for row in rows} == {"true"}
+    assert all(float(row["per_run_epsilon"]) < float(row["spent_epsilon"]) for row in rows)
+
+
+def test_index_ledger_and_terminal_summary(tiny_run):
+    reports = tiny_run / "results" / "reports"
+    ledger = list(csv.DictReader(open(reports / "ledger.csv")))
+    assert [row["dataset"] for row in ledger] == ["fashion_mnist_tiny"]
+    (row,) = ledger
+    assert int(row["num_releases"]) == 4 * 2 * 2 + 2  # tiny: methods x eps x seeds; tuned: 2
+    assert float(row["max_run_epsilon"]) < float(row["epsilon_total"])
+    assert float(row["epsilon_total"]) <= float(row["sum_run_epsilon"])
+    index = (reports / "index.md").read_text()
+    assert "## Privacy ledger" in index and "fashion_mnist_tiny" in index
+    assert (reports / "all_experiments.png").stat().st_size > 0
+    out = (tiny_run / "snakemake.out").read_text()
+    assert "best method per target ε" in out and "reports/index.md" in out
+
+
+def test_html_report_contains_every_run(tiny_run):
+    html = tiny_run / "report.html"
+    snakemake(tiny_run, "--report", str(html))
+    text = _report_text(html)
+    for r in _metrics(tiny_run, "tiny") + _metrics(tiny_run, "tiny_tuned"):
+        assert repr(r["test_accuracy"]) in text, r["method"]
+        if r["private"]:
+            assert repr(r["spent_epsilon"]) in text, r["method"]
+    assert "privacy ledger" in text.lower()
+
+
+def _report_text(path: Path) -> str:
+    """The HTML with every embedded (base64) file decoded, so tables can be searched."""
+    import base64
+    import re
+
+    text = path.read_text(errors="replace")
+    decoded = []
+    for blob in re.findall(r"data:[^\"',]*;base64,([A-Za-z0-9+/=]+)", text):
+        try:
+            decoded.append(base64.b64decode(blob).decode("utf-8", errors="replace"))
+        except ValueError:
+            continue
+    return text + "\n".join(decoded)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ("unknown_key", r"experiment 'tiny', key \(entry\): Additional properties.*'learning'"),
+        ("duplicate", r"duplicate key 'tiny'"),
+        ("wrong_type", r"experiment 'tiny', key seeds: value 'two'"),
+        ("empty_grid", r"methods.dp_sgd.learning_rate: value \[\]"),
+        ("unknown_method", r"'dp_magic' was unexpected"),
+        ("unknown_backbone", r"backbone 'resnet9000' is unknown"),
+        ("unknown_dataset", r"dataset 'imagenet_typo' is not defined"),
+        ("missing_data", r"datasets.fashion_mnist_tiny.data_dir: '/nonexistent/fmnist' does not"),
+    ],
+)
+def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, edit, match):
+    for name in ("config.yaml", "experiments.yaml"):
+        shutil.copy(HERE / name, tmp_path / name)
+    exp_path, cfg_path = tmp_path / "experiments.yaml", tmp_path / "config.yaml"
+    text = exp_path.read_text()
+    if edit == "unknown_key":
+        text = text.replace("    image_size: 32\n", "    image_size: 32\n    learning: 3\n", 1)
+    elif edit == "duplicate":
+        text = text.replace("experiments:\n", "experiments:\n  tiny:\n    dataset: x\n", 1)
+    elif edit == "wrong_type":
+        text = text.replace("seeds: [0, 1]", "seeds: two", 1)
+    elif edit == "empty_grid":
+        text = text.replace("dp_sgd: {batch_size: 128, epochs: 5}", "dp_sgd: {learning_rate: []}")
+    elif edit == "unknown_method":
+        text = text.replace("dp_fc:", "dp_magic:", 1)
+    elif edit == "unknown_backbone":
+        text = text.replace("backbone: efficientnet_lite0", "backbone: resnet9000", 1)
+    elif edit == "unknown_dataset":
+        text = text.replace("dataset: fashion_mnist_tiny", "dataset: imagenet_typo", 1)
+    elif edit == "missing_data":
+        cfg = cfg_path.read_text()
+        cfg_path.write_text(cfg.replace(str(FMNIST), "/nonexistent/fmnist"))
+    exp_path.write_text(text)
+    proc = snakemake(tmp_path, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(match, out), out[-3000:]
+    assert not (tmp_path / "results").exists()
