@@ -481,6 +481,21 @@ def write_summary_md(
         _write_md(rows, tmp, title)
 
 
+def _errorbar(ax, members: Sequence[SummaryRow], **kwargs):
+    """Median accuracy (%) against target ε with min–max error bars over seeds."""
+    medians = [100 * r.median_test_accuracy for r in members]
+    return ax.errorbar(
+        [r.target_epsilon for r in members],
+        medians,
+        yerr=[
+            [m - 100 * r.min_test_accuracy for m, r in zip(medians, members, strict=True)],
+            [100 * r.max_test_accuracy - m for m, r in zip(medians, members, strict=True)],
+        ],
+        marker="o",
+        **kwargs,
+    )
+
+
 def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -515,19 +530,7 @@ def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
             label += f" [{setting}]"
         if not one_setting:
             label += f" (δ = {_fmt(delta)}, {accountant})"
-        medians = [100 * r.median_test_accuracy for r in members]
-        container = ax.errorbar(
-            [r.target_epsilon for r in members],
-            medians,
-            yerr=[
-                [m - 100 * r.min_test_accuracy for m, r in zip(medians, members, strict=True)],
-                [100 * r.max_test_accuracy - m for m, r in zip(medians, members, strict=True)],
-            ],
-            marker="o",
-            capsize=3,
-            label=label,
-        )
-        handles.append(container)
+        handles.append(_errorbar(ax, members, capsize=3, label=label))
     for i, row in enumerate(r for r in rows if not r.private):
         label = row.method if len(experiments) == 1 else f"{row.experiment}: {row.method}"
         if len(settings_seen) > 1:
@@ -727,19 +730,8 @@ def _index_plot(rows: Sequence[SummaryRow], path: Path) -> None:
         settings = {r.setting for r in mine if r.setting}
         for j, ((method, setting), members) in enumerate(sorted(series.items())):
             members.sort(key=lambda r: r.target_epsilon)
-            med = [100 * r.median_test_accuracy for r in members]
-            ax.errorbar(
-                [r.target_epsilon for r in members],
-                med,
-                yerr=[
-                    [m - 100 * r.min_test_accuracy for m, r in zip(med, members, strict=True)],
-                    [100 * r.max_test_accuracy - m for m, r in zip(med, members, strict=True)],
-                ],
-                marker="o",
-                capsize=2,
-                color=f"C{j % 10}",
-                label=method + (f" [{setting}]" if len(settings) > 1 else ""),
-            )
+            label = method + (f" [{setting}]" if len(settings) > 1 else "")
+            _errorbar(ax, members, capsize=2, color=f"C{j % 10}", label=label)
         for j, row in enumerate(r for r in mine if not r.private):
             ax.axhline(
                 100 * row.median_test_accuracy,

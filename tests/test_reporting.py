@@ -379,15 +379,22 @@ def test_build_report(tmp_path):
     outputs = build_report(paths, out, "Fashion-MNIST, Lite0")
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy_vs_epsilon.png",
+        "runs.csv",
         "summary.csv",
         "summary.md",
     ]
     assert outputs == {
         "csv": out / "summary.csv",
         "md": out / "summary.md",
+        "runs": out / "runs.csv",
         "png": out / "accuracy_vs_epsilon.png",
     }
     assert all(p.stat().st_size > 0 for p in outputs.values())
+    runs = list(csv.DictReader(open(outputs["runs"])))
+    assert len(runs) == len(paths)  # one row per run, with its own accuracy and epsilon
+    assert {float(r["test_accuracy"]) for r in runs} == {
+        json.loads(open(p).read())["test_accuracy"] for p in paths
+    }
     assert outputs["md"].read_text().startswith("# Fashion-MNIST, Lite0\n")
 
 

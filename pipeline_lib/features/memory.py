@@ -13,7 +13,32 @@ import numpy as np
 from pipeline_lib.features.store import chunk_bounds, num_chunks
 
 
-class InMemoryFeatures:
+class ChunkedRows:
+    """The chunk bookkeeping of the store read interface, given ``num_examples``,
+    ``chunk_rows`` and ``read_chunk``: chunks are consecutive, all full but the last."""
+
+    num_examples: int
+    chunk_rows: int
+
+    @property
+    def num_chunks(self) -> int:
+        return num_chunks(self.num_examples, self.chunk_rows)
+
+    def chunk_sizes(self) -> list[int]:
+        return [b - a for a, b in (self._bounds(c) for c in range(self.num_chunks))]
+
+    def _bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk_bounds(chunk, self.num_examples, self.chunk_rows)
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for c in range(self.num_chunks):
+            yield self.read_chunk(c)
+
+
+class InMemoryFeatures(ChunkedRows):
     def __init__(self, features, labels, *, num_classes: int, chunk_rows: int = 1024):
         features = np.asarray(features, np.float32)
         labels = np.asarray(labels, np.int32)
@@ -30,23 +55,9 @@ class InMemoryFeatures:
         self.num_classes = int(num_classes)
         self.chunk_rows = int(chunk_rows)
 
-    @property
-    def num_chunks(self) -> int:
-        return num_chunks(self.num_examples, self.chunk_rows)
-
-    def chunk_sizes(self) -> list[int]:
-        return [b - a for a, b in (self._bounds(c) for c in range(self.num_chunks))]
-
-    def _bounds(self, chunk: int) -> tuple[int, int]:
-        return chunk_bounds(chunk, self.num_examples, self.chunk_rows)
-
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self._bounds(chunk)
         return self.features[a:b], self.labels[a:b]
-
-    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for c in range(self.num_chunks):
-            yield self.read_chunk(c)
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         return self.features, self.labels

@@ -17,11 +17,10 @@ it unchanged and still stream (memory O(chunk), plus one index per row).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline_lib.features.store import chunk_bounds, num_chunks
+from pipeline_lib.features.memory import ChunkedRows
 
 __all__ = ["PARTS", "RowSubset", "holdout_mask"]
 
@@ -46,7 +45,7 @@ def holdout_mask(features: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
-class RowSubset:
+class RowSubset(ChunkedRows):
     """The ``part`` ("fit" or "validation") of ``data`` for a validation ``fraction``.
 
     ``data`` is a ``FeatureStore`` or anything with the same read interface.
@@ -75,16 +74,6 @@ class RowSubset:
             )
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    @property
-    def num_chunks(self) -> int:
-        return num_chunks(self.num_examples, self.chunk_rows)
-
-    def chunk_sizes(self) -> list[int]:
-        return [b - a for a, b in (self._bounds(c) for c in range(self.num_chunks))]
-
-    def _bounds(self, chunk: int) -> tuple[int, int]:
-        return chunk_bounds(chunk, self.num_examples, self.chunk_rows)
-
     def _source_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != c:
             feats, labels = self.data.read_chunk(c)
@@ -103,10 +92,6 @@ class RowSubset:
             local = rows[sel] - int(c) * self.data.chunk_rows
             feats[sel], labels[sel] = f[local], y[local]
         return feats, labels
-
-    def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for c in range(self.num_chunks):
-            yield self.read_chunk(c)
 
     def read_all(self) -> tuple[np.ndarray, np.ndarray]:
         parts = list(self.iter_chunks())
