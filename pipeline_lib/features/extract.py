@@ -213,7 +213,7 @@ def init_store(
     attrs = store_attrs(source, backbone, sha256, image_size, settings)
     shape = _shape_args(source, backbone, settings)
     fstore.create_store(out_path, attrs=attrs, **shape)
-    return dict(attrs, **shape)
+    return fstore.partial_attrs(out_path)
 
 
 def extract_shard(

@@ -135,6 +135,13 @@ def _read_partial_attrs(path) -> dict:
         ) from exc
 
 
+def partial_attrs(path: str | os.PathLike) -> dict:
+    """The attributes of the partial store (work directory) of ``path``."""
+    if not _group_path(path).exists():
+        raise StoreError(f"{work_dir(path)}: no partial store")
+    return _read_partial_attrs(path)
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."

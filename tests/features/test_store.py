@@ -61,7 +61,9 @@ def test_finalize_refuses_missing_chunks(tmp_path):
     path = tmp_path / "train.zarr"
     _make(path)
     _fill(path, skip={1})
-    with pytest.raises(fs.StoreError, match=r"1 of 3 chunks are not done \(chunks 1 \(rows 4-7\)\)"):
+    with pytest.raises(
+        fs.StoreError, match=r"1 of 3 chunks are not done \(chunks 1 \(rows 4-7\)\)"
+    ):
         fs.finalize_store(path)
     assert not path.exists()
     with pytest.raises(fs.StoreError, match="unfinished extraction exists"):
