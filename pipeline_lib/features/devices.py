@@ -46,11 +46,12 @@ def check_batch_size(batch_size: int, num_devices: int) -> None:
     """The batch is split evenly over the devices, so it must be a multiple of their count."""
     if batch_size < 1 or batch_size % num_devices:
         lower = max(num_devices, batch_size // num_devices * num_devices)
-        upper = -(-batch_size // num_devices) * num_devices
+        upper = max(num_devices, -(-batch_size // num_devices) * num_devices)
+        choices = f"{lower}" if lower == upper else f"{lower} or {upper}"
         raise ValueError(
             f"extraction.batch_size={batch_size} must be a positive multiple of the "
             f"{num_devices} local devices this job uses (each device gets batch_size/"
-            f"{num_devices} images); set it to {lower} or {upper}, or set "
+            f"{num_devices} images); set it to {choices}, or set "
             "extraction.num_devices"
         )
 
