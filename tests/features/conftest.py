@@ -15,7 +15,7 @@ def _store_files(root: Path) -> dict[str, bytes]:
     """Every file's bytes; the group's zarr.json without its (timing) extraction_stats."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if not p.is_file():
+        if not p.is_file() or p.name == ".snakemake_timestamp":  # Snakemake's, not ours
             continue
         data = p.read_bytes()
         if p == root / "zarr.json":
