@@ -220,3 +220,11 @@ def test_bfloat16_compute_is_stored_as_float32(fmnist_300, unsharded, tmp_path):
     assert not np.array_equal(x, ref)  # bf16 really was used...
     cos = (x * ref).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.95 and np.median(cos) > 0.99  # ...and gives nearly the same features
+
+
+def test_more_shards_than_chunks_leaves_some_empty(fmnist_300, tmp_path):
+    path = tmp_path / "train.zarr"
+    extract.init_store(fmnist_300, out_path=path, **COMMON)
+    empty = extract.extract_shard(fmnist_300, out_path=path, shard=0, num_shards=20, **COMMON)
+    assert empty["chunk_range"] == [] and empty["images"] == 0 and empty["chunks_done"] == 0
+    assert fs.pending_chunks(path) == list(range(10))
