@@ -560,3 +560,119 @@ def dataset_options(config: dict, dataset: str, split: str) -> dict:
         "allow_network": bool(spec.get("allow_network", False)),
         "max_examples": None if limit is None else int(limit),
     }
+
+
+# --- Sharded feature extraction (issue 4). Pure functions of the config dict. -------------
+
+EXTRACTION_DEFAULTS = {
+    "batch_size": 64,
+    "chunk_rows": 1024,
+    "dtype": "float32",
+    "shards": 1,
+    "shards_per_dataset": {},
+    "prefetch_batches": 2,
+    "decode_threads": 1,
+    "num_devices": None,
+    "log_every_s": 30.0,
+}
+# The settings that change a store's bytes; a change reruns extraction of finished stores.
+EXTRACTION_STORE_KEYS = ("batch_size", "chunk_rows", "dtype")
+
+
+def extraction_options(config: dict) -> dict:
+    """The config's ``extraction`` block with every default applied."""
+    given = dict(config.get("extraction") or {})
+    unknown = sorted(set(given) - set(EXTRACTION_DEFAULTS))
+    if unknown:
+        raise ConfigError(
+            f"extraction: unknown key(s) {unknown}; known: {sorted(EXTRACTION_DEFAULTS)}"
+        )
+    options = {**EXTRACTION_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    options["num_devices"] = given.get("num_devices")
+    options["shards_per_dataset"] = dict(options["shards_per_dataset"] or {})
+    for key, value in [("shards", options["shards"])] + [
+        (f"shards_per_dataset.{k}", v) for k, v in options["shards_per_dataset"].items()
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"extraction.{key}={value!r} must be an integer >= 1")
+    return options
+
+
+def extraction_shards(config: dict, dataset: str) -> int:
+    """How many shard jobs fill each store of ``dataset``: the per-dataset override, else
+    ``extraction.shards``."""
+    options = extraction_options(config)
+    return int(options["shards_per_dataset"].get(dataset, options["shards"]))
+
+
+def extraction_store_settings(config: dict, dataset: str, backbone: str) -> dict:
+    """Everything a store's bytes depend on, as rule params: changing any reruns its jobs."""
+    options = extraction_options(config)
+    return {
+        "extraction": {k: options[k] for k in EXTRACTION_STORE_KEYS},
+        "dataset": dict((config.get("datasets") or {}).get(dataset) or {}),
+        "backbone": (config.get("backbones") or {}).get(backbone),
+    }
+
+
+def backbone_options(config: dict, backbone: str) -> dict:
+    """Keyword arguments for ``get_backbone`` beyond name and dtype: ``spec`` (the entry
+    ``backbones.<backbone>``) and ``cache_dir`` (``checkpoint_cache_dir``), each only when
+    the config has it, so that backbones without them keep working."""
+    options = {}
+    spec = (config.get("backbones") or {}).get(backbone)
+    if spec is not None:
+        options["spec"] = spec
+    if config.get("checkpoint_cache_dir") is not None:
+        options["cache_dir"] = config["checkpoint_cache_dir"]
+    return options
+
+
+def extraction_patterns(config: dict) -> dict[str, str]:
+    """Snakemake path patterns of the extraction jobs of one store (wildcards in braces).
+
+    The job files live in the store's work directory (``<store>.inprogress/jobs/``),
+    which finalize deletes, so a finished store leaves only itself behind. The shard
+    count is part of the shard file names so that changing it mid-way starts new jobs
+    (they skip chunks already done) instead of reusing files of another partition.
+    """
+    store = str(
+        Path(
+            config["results_dir"],
+            "features",
+            "{dataset}",
+            "{backbone}",
+            "{image_size}px",
+            "{split}.zarr",
+        )
+    )
+    logs = str(
+        Path(config["results_dir"], "logs", "extract", "{dataset}", "{backbone}", "{image_size}px")
+    )
+    return {
+        "store": store,
+        "init": str(Path(f"{store}.inprogress", "jobs", "init.json")),
+        "shard": str(Path(f"{store}.inprogress", "jobs", "shard-{shard}-of-{num_shards}.json")),
+        "init_log": str(Path(logs, "{split}-init.log")),
+        "shard_log": str(Path(logs, "{split}-shard-{shard}-of-{num_shards}.log")),
+        "finalize_log": str(Path(logs, "{split}-finalize.log")),
+    }
+
+
+def shard_done_paths(
+    config: dict, dataset: str, backbone: str, image_size: int | str, split: str
+) -> list[str]:
+    """The done files of every shard job of one store, in shard order."""
+    num_shards = extraction_shards(config, dataset)
+    pattern = extraction_patterns(config)["shard"]
+    return [
+        pattern.format(
+            dataset=dataset,
+            backbone=backbone,
+            image_size=image_size,
+            split=split,
+            shard=k,
+            num_shards=num_shards,
+        )
+        for k in range(num_shards)
+    ]

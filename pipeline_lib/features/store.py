@@ -72,20 +72,39 @@ def chunk_bounds(chunk: int, num_examples: int, chunk_rows: int) -> tuple[int, i
     return start, min(start + chunk_rows, num_examples)
 
 
-def create_store(
-    path: str | os.PathLike,
-    *,
-    num_examples: int,
-    feature_dim: int,
-    chunk_rows: int,
-    attrs: dict[str, Any],
-) -> None:
-    """Pre-create the store's work directory, or check that it matches (resume).
+def shard_chunks(num_chunks: int, num_shards: int, shard: int) -> range:
+    """The contiguous, balanced range of chunks that shard ``shard`` of ``num_shards`` fills.
 
-    Idempotent: a rerun with the same attributes keeps all finished chunks; a
-    rerun with different attributes (another backbone, size, dataset...) is an
-    error, so that stale chunks can never be mixed into a new store.
+    The ranges of all shards partition ``range(num_chunks)`` in order (shard k gets
+    chunks ``[k*C//S, (k+1)*C//S)``), so shards read contiguous rows of the source
+    and write disjoint chunk files. With more shards than chunks some ranges are empty.
     """
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} of {num_shards}: need num_shards >= 1 and 0 <= shard < S")
+    return range(shard * num_chunks // num_shards, (shard + 1) * num_chunks // num_shards)
+
+
+def describe_chunks(chunks: list[int], num_examples: int, chunk_rows: int, limit: int = 8) -> str:
+    """Runs of chunk ids with their rows, e.g. 'chunks 3-5 (rows 192-383), 9 (rows 576-639)'."""
+    runs: list[list[int]] = []
+    for c in sorted(chunks):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    parts = []
+    for a, b in runs[:limit]:
+        rows = (
+            chunk_bounds(a, num_examples, chunk_rows)[0],
+            chunk_bounds(b, num_examples, chunk_rows)[1] - 1,
+        )
+        ids = f"{a}" if a == b else f"{a}-{b}"
+        parts.append(f"{ids} (rows {rows[0]}-{rows[1]})")
+    more = f", and {len(runs) - limit} more runs" if len(runs) > limit else ""
+    return "chunks " + ", ".join(parts) + more
+
+
+def _full_attrs(num_examples: int, feature_dim: int, chunk_rows: int, attrs: dict) -> dict:
     missing = [k for k in _REQUIRED_ATTRS if k not in attrs and k not in _SHAPE_ATTRS]
     if missing:
         raise ValueError(f"store attributes missing: {missing}")
@@ -103,23 +122,97 @@ def create_store(
         format_version=FORMAT_VERSION,
         complete=False,
     )
+    return json.loads(json.dumps(full))  # normalise (tuples -> lists) for comparison
+
+
+def _read_partial_attrs(path) -> dict:
+    gpath = _group_path(path)
+    try:
+        return dict(zarr.open_group(str(gpath), mode="r").attrs)
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt work dir
+        raise StoreError(
+            f"{gpath}: unreadable partial store ({exc}); delete {work_dir(path)} to restart"
+        ) from exc
+
+
+def partial_attrs(path: str | os.PathLike) -> dict:
+    """The attributes of the partial store (work directory) of ``path``."""
+    if not _group_path(path).exists():
+        raise StoreError(f"{work_dir(path)}: no partial store")
+    return _read_partial_attrs(path)
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Written by finalize_store just before publishing; a finalize killed in between must not
+# make the work dir look like it came from other settings.
+_FINALIZE_ATTRS = ("complete", "extraction_stats")
+
+
+def _check_same_settings(path, old: dict, new: dict) -> None:
+    old = {k: v for k, v in old.items() if k not in _FINALIZE_ATTRS}
+    new = {k: v for k, v in new.items() if k not in _FINALIZE_ATTRS}
+    if old == new:
+        return
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    details = "; ".join(
+        f"{k}: {_short(old.get(k))} in the work dir, {_short(new.get(k))} now" for k in diff
+    )
+    raise StoreError(
+        f"{work_dir(path)}: a partial store built with different settings exists ({details}). "
+        "Its finished chunks cannot be mixed with new ones: restore the old settings to "
+        f"resume it, or delete {work_dir(path)} to start over"
+    )
+
+
+def check_store(
+    path: str | os.PathLike,
+    *,
+    num_examples: int,
+    feature_dim: int,
+    chunk_rows: int,
+    attrs: dict[str, Any],
+) -> None:
+    """Check that the partial store at ``path`` exists and was created with these settings.
+
+    Shard jobs call this instead of `create_store`: only the init job writes metadata.
+    """
+    if not _group_path(path).exists():
+        raise StoreError(
+            f"{work_dir(path)}: no partial store; it is created once by create_store "
+            "(the init_store job) before shards fill it"
+        )
+    full = _full_attrs(num_examples, feature_dim, chunk_rows, attrs)
+    _check_same_settings(path, _read_partial_attrs(path), full)
+
+
+def create_store(
+    path: str | os.PathLike,
+    *,
+    num_examples: int,
+    feature_dim: int,
+    chunk_rows: int,
+    attrs: dict[str, Any],
+) -> None:
+    """Pre-create the store's work directory, or check that it matches (resume).
+
+    Idempotent: a rerun with the same attributes keeps all finished chunks; a
+    rerun with different attributes (another backbone, size, dataset...) is an
+    error, so that stale chunks can never be mixed into a new store.
+    """
+    full = _full_attrs(num_examples, feature_dim, chunk_rows, attrs)
     full = json.loads(json.dumps(full))  # normalise (tuples -> lists) for comparison
     gpath = _group_path(path)
     if gpath.exists():
-        try:
-            old = dict(zarr.open_group(str(gpath), mode="r").attrs)
-        except Exception as exc:  # noqa: BLE001 - any failure means a corrupt work dir
-            raise StoreError(
-                f"{gpath}: unreadable partial store ({exc}); delete {work_dir(path)} to restart"
-            ) from exc
-        if old != full:
-            diff = sorted(k for k in set(old) | set(full) if old.get(k) != full.get(k))
-            raise StoreError(
-                f"{work_dir(path)}: a partial store with different settings exists "
-                f"(differs in {diff}); delete it to start over"
-            )
+        _check_same_settings(path, _read_partial_attrs(path), full)
         return
-    (work_dir(path) / "done").mkdir(parents=True, exist_ok=True)
+    done = work_dir(path) / "done"
+    if done.exists():  # markers without a group are left from another store: never trust them
+        shutil.rmtree(done)
+    done.mkdir(parents=True, exist_ok=True)
     tmp = work_dir(path) / "store.zarr.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -178,17 +271,28 @@ def write_chunk(
     os.replace(tmp, marker)
 
 
-def finalize_store(path: str | os.PathLike) -> None:
-    """Check completeness and contents, then publish the store at `path` atomically."""
+def finalize_store(path: str | os.PathLike, extra_attrs: dict[str, Any] | None = None) -> None:
+    """Check completeness and contents, then publish the store at `path` atomically.
+
+    ``extra_attrs`` (for example ``extraction_stats``) are added to the group's
+    attributes just before publishing; they must not overwrite the store's own.
+    """
     group = _open_partial(path)
     missing = pending_chunks(path)
     if missing:
+        attrs = group.attrs
+        where = describe_chunks(missing, int(attrs["num_examples"]), int(attrs["chunk_rows"]))
         raise StoreError(
-            f"{work_dir(path)}: {len(missing)} of {group.attrs['num_chunks']} chunks "
-            f"not done (first: {missing[:5]}); rerun the extraction to finish them"
+            f"{work_dir(path)}: {len(missing)} of {attrs['num_chunks']} chunks are not done "
+            f"({where}); rerun the extraction (its shard jobs) to finish them"
         )
     store = _Checked(group, str(work_dir(path)))
     store.verify_contents()
+    extra = dict(extra_attrs or {})
+    clash = sorted(set(extra) & set(group.attrs))
+    if clash:
+        raise ValueError(f"extra_attrs would overwrite store attributes {clash}")
+    group.attrs.update(json.loads(json.dumps(extra)))
     group.attrs["complete"] = True
     final = Path(path)
     if final.exists():

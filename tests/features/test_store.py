@@ -61,7 +61,9 @@ def test_finalize_refuses_missing_chunks(tmp_path):
     path = tmp_path / "train.zarr"
     _make(path)
     _fill(path, skip={1})
-    with pytest.raises(fs.StoreError, match=r"1 of 3 chunks not done \(first: \[1\]\)"):
+    with pytest.raises(
+        fs.StoreError, match=r"1 of 3 chunks are not done \(chunks 1 \(rows 4-7\)\)"
+    ):
         fs.finalize_store(path)
     assert not path.exists()
     with pytest.raises(fs.StoreError, match="unfinished extraction exists"):
@@ -72,7 +74,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     path = tmp_path / "train.zarr"
     _make(path)
     _make(path)  # same settings: fine (resume)
-    with pytest.raises(fs.StoreError, match=r"differs in \['backbone'\]"):
+    with pytest.raises(fs.StoreError, match=r'backbone: "toy" in the work dir, "other" now'):
         fs.create_store(
             path, num_examples=10, feature_dim=4, chunk_rows=4, attrs=dict(ATTRS, backbone="other")
         )

@@ -1,21 +1,75 @@
 # Stage 1: frozen-backbone features into a chunked, resumable Zarr store.
+# One store = init_store (once) -> extract_shard (S jobs, in parallel) -> finalize_store.
+# S is extraction.shards, or extraction.shards_per_dataset[dataset]. Each job's output is a
+# small JSON in <store>.inprogress/jobs/; chunk data is never a declared output, so a killed
+# shard job rerun by Snakemake resumes its chunks instead of starting over.
+EP = xp.extraction_patterns(config)
 
 
-rule extract_features:
+wildcard_constraints:
+    shard=r"\d+",
+    num_shards=r"\d+",
+
+
+rule init_store:
     output:
-        store=directory(f"{R}/features/{{dataset}}/{{backbone}}/{{image_size}}px/{{split}}.zarr"),
+        done=EP["init"],
     log:
-        f"{R}/logs/extract_features/{{dataset}}/{{backbone}}/{{image_size}}px/{{split}}.log",
+        EP["init_log"],
     params:
-        data=lambda w: xp.dataset_options(config, w.dataset, w.split),
-        extraction=config["extraction"],
+        settings=lambda w: xp.extraction_store_settings(config, w.dataset, w.backbone),
+        store=lambda w: EP["store"].format(**dict(w.items())),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    message:
+        "Creating the {wildcards.backbone} feature store of "
+        "{wildcards.dataset}/{wildcards.split} at {wildcards.image_size}px"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract_init.py"
+
+
+rule extract_shard:
+    input:
+        init=EP["init"],
+    output:
+        done=EP["shard"],
+    log:
+        EP["shard_log"],
+    params:
+        settings=lambda w: xp.extraction_store_settings(config, w.dataset, w.backbone),
+        store=lambda w: EP["store"].format(**dict(w.items())),
     threads: workflow.cores
     resources:
         mem_mb=8000,
     message:
         "Extracting {wildcards.backbone} features of {wildcards.dataset}/{wildcards.split} "
-        "at {wildcards.image_size}px"
+        "at {wildcards.image_size}px: shard {wildcards.shard} of {wildcards.num_shards}"
     conda:
         "../../environment.yml"
     script:
-        "../scripts/extract_features.py"
+        "../scripts/extract_shard.py"
+
+
+rule finalize_store:
+    input:
+        shards=lambda w: xp.shard_done_paths(
+            config, w.dataset, w.backbone, w.image_size, w.split
+        ),
+    output:
+        store=directory(EP["store"]),
+    log:
+        EP["finalize_log"],
+    params:
+        settings=lambda w: xp.extraction_store_settings(config, w.dataset, w.backbone),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    message:
+        "Checking and publishing {output.store}"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/extract_finalize.py"

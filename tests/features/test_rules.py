@@ -1,0 +1,195 @@
+"""The extraction rules: init_store -> S x extract_shard -> finalize_store, through Snakemake."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_lib import experiments as xp
+from pipeline_lib.features import store as fs
+
+ROOT = Path(__file__).resolve().parents[2]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FMNIST.exists(), reason="needs apt-get install dataset-fashion-mnist"),
+]
+STORE = "results/features/fmnist/efficientnet_lite0/32px/{split}.zarr"
+
+
+def _workdir(tmp_path: Path, *, train: int, test: int, **extraction) -> Path:
+    work = tmp_path / "wf"
+    work.mkdir()
+    config = {
+        "results_dir": "results",
+        "experiments_file": "experiments.yaml",
+        "datasets": {
+            "fmnist": {
+                "source": "fashion_mnist",
+                "data_dir": str(FMNIST),
+                "allow_network": False,
+                "max_train_examples": train,
+                "max_test_examples": test,
+            }
+        },
+        "extraction": {"batch_size": 32, "chunk_rows": 64, **extraction},
+    }
+    experiments = {
+        "experiments": {
+            "tiny": {
+                "dataset": "fmnist",
+                "backbone": "efficientnet_lite0",
+                "image_size": 32,
+                "epsilons": [1],
+                "delta": 1e-4,
+                "seeds": [0],
+                "methods": {"dp_ls": {"l2_clip_norm": 1.0}},
+            }
+        }
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    (work / "experiments.yaml").write_text(yaml.safe_dump(experiments))
+    return work
+
+
+def _cmd(work: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(work),
+        "--configfile",
+        str(work / "config.yaml"),
+        "--cores",
+        "2",
+        "--rerun-incomplete",
+        *args,
+    ]
+
+
+def _env() -> dict:
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))
+
+
+def snakemake(work: Path, *args: str) -> str:
+    proc = subprocess.run(
+        _cmd(work, *args), capture_output=True, text=True, timeout=900, env=_env()
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def _job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[1].split("\n\n")[0]
+    counts = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_dry_run_plans_one_job_per_shard(tmp_path):
+    work = _workdir(tmp_path, train=300, test=100, shards=3, shards_per_dataset={"other": 7})
+    counts = _job_counts(snakemake(work, "-n"))
+    assert counts["init_store"] == 2 and counts["finalize_store"] == 2
+    assert counts["extract_shard"] == 2 * 3  # 3 per store, train and test
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["extraction"]["shards_per_dataset"] = {"fmnist": 5}
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert _job_counts(snakemake(work, "-n"))["extract_shard"] == 2 * 5
+
+
+def _library_store(path: Path, n: int, split: str = "train") -> Path:
+    from pipeline_lib.data import load_dataset
+    from pipeline_lib.features.extract import extract_to_store
+
+    data = load_dataset("fashion_mnist", split, max_examples=n)
+    extract_to_store(
+        data,
+        backbone_name="efficientnet_lite0",
+        out_path=path,
+        image_size=32,
+        batch_size=32,
+        chunk_rows=64,
+        progress=False,
+    )
+    return path
+
+
+def test_rules_build_the_library_store(tmp_path, assert_same_store):
+    work = _workdir(tmp_path, train=300, test=100, shards=3)
+    target = STORE.format(split="train")
+    snakemake(work, target)
+    store = work / target
+    assert_same_store(store, _library_store(tmp_path / "lib" / "train.zarr", 300))
+    assert not fs.work_dir(store).exists()  # job files went with the work dir
+    stats = fs.FeatureStore(store).attrs["extraction_stats"]
+    assert stats["num_shards"] == 3 and stats["images_extracted"] == 300
+    assert [s["chunk_range"] for s in stats["shards"]] == [[0, 1], [1, 3], [3, 5]]
+    logs = work / "results/logs/extract/fmnist/efficientnet_lite0/32px"
+    assert "img/s" in (logs / "train-shard-2-of-3.log").read_text()
+    assert "Nothing to be done" in snakemake(work, "-n", target)
+
+
+def test_killed_shard_job_resumes_under_snakemake(tmp_path, assert_same_store):
+    n = 3000
+    work = _workdir(tmp_path, train=n, test=100, shards=1)
+    target = STORE.format(split="train")
+    store = work / target
+    proc = subprocess.Popen(
+        _cmd(work, target),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,  # its own process group: snakemake and its job
+    )
+    done = fs.work_dir(store) / "done"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if done.exists() and len(list(done.glob("chunk-*"))) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+    total = fs.num_chunks(n, 64)
+    finished = total - len(fs.pending_chunks(store))
+    assert 3 <= finished < total and not store.exists()
+
+    snakemake(work, "--unlock")
+    snakemake(work, target)  # Snakemake reruns the incomplete shard job...
+    stats = fs.FeatureStore(store).attrs["extraction_stats"]["shards"]
+    shard = stats[0]
+    assert shard["chunks_already_done"] >= finished  # ...which kept the finished chunks
+    assert shard["chunks_done"] == total - shard["chunks_already_done"]
+    assert_same_store(store, _library_store(tmp_path / "lib" / "train.zarr", n))
+
+
+def test_patterns_and_paths_agree():
+    config = {"results_dir": "R", "extraction": {"shards": 2, "shards_per_dataset": {"big": 4}}}
+    assert xp.extraction_shards(config, "small") == 2 and xp.extraction_shards(config, "big") == 4
+    paths = xp.shard_done_paths(config, "big", "vit", 224, "train")
+    assert paths == [
+        f"R/features/big/vit/224px/train.zarr.inprogress/jobs/shard-{k}-of-4.json" for k in range(4)
+    ]
+    assert xp.extraction_patterns(config)["store"] == xp.feature_path(
+        "R", "{dataset}", "{backbone}", "{image_size}", "{split}"
+    )
+    assert xp.extraction_options({})["shards"] == 1  # every key has a default
+    with pytest.raises(xp.ConfigError, match="extraction.shards=0"):
+        xp.extraction_options({"extraction": {"shards": 0}})
+    assert xp.backbone_options({}, "vit") == {}
+    assert xp.backbone_options(
+        {"backbones": {"vit": {"checkpoint": "x.npz"}}, "checkpoint_cache_dir": "/c"}, "vit"
+    ) == {"spec": {"checkpoint": "x.npz"}, "cache_dir": "/c"}
