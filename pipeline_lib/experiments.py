@@ -545,25 +545,6 @@ def all_reports(config: dict) -> list[str]:
     return out + list(index_files(config).values())
 
 
-def dataset_options(config: dict, dataset: str, split: str) -> dict:
-    """Keyword arguments for `pipeline_lib.data.load_dataset` for one split."""
-    if dataset not in config.get("datasets", {}):
-        raise ConfigError(f"dataset {dataset!r} is not defined under 'datasets'")
-    spec = config["datasets"][dataset]
-    if split not in SPLITS:
-        raise ConfigError(f"split {split!r} unknown; use one of {SPLITS}")
-    limit = spec.get(f"max_{split}_examples")
-    return {
-        "name": spec.get("source", dataset),
-        "split": split,
-        "data_dir": spec.get("data_dir"),
-        "allow_network": bool(spec.get("allow_network", False)),
-        "max_examples": None if limit is None else int(limit),
-    }
-
-
-# --- Sharded feature extraction (issue 4). Pure functions of the config dict. -------------
-
 EXTRACTION_DEFAULTS = {
     "batch_size": 64,
     "chunk_rows": 1024,

@@ -157,7 +157,12 @@ class TfdsSource:
         num_classes: int,
         image_key: str = "image",
         label_key: str = "label",
+        image_shape: tuple[int, ...] | None = None,
     ) -> None:
+        if image_shape is not None:
+            # One fixed shape for every record (e.g. cifar10): the extractor resizes on
+            # the device; without it (e.g. imagenet2012) every batch is resized on the host.
+            self.image_shape = tuple(int(n) for n in image_shape)
         self.name = name
         self.split = split
         self.tfds_name = tfds_name
@@ -369,4 +374,13 @@ def open_tfds(name: str, spec: Mapping, split: str) -> TfdsSource:
         num_classes=num_classes,
         image_key=image_key,
         label_key=label_key,
+        image_shape=_fixed_shape(features[image_key]),
     )
+
+
+def _fixed_shape(feature: Any) -> tuple[int, ...] | None:
+    """The image feature's shape when TFDS fixes every dimension, else None."""
+    shape = getattr(feature, "shape", None)
+    if not shape or any(n is None for n in shape):
+        return None
+    return tuple(int(n) for n in shape)

@@ -317,3 +317,18 @@ def test_failed_record_read_is_an_unavailable_error(monkeypatch):
     fake._records = None  # indexing now raises TypeError, like a corrupt file would raise
     with pytest.raises(DatasetUnavailableError, match=r"record 0: TFDS failed to read it"):
         data.read(0, 1)
+
+
+def test_fixed_shape_datasets_declare_image_shape_variable_ones_do_not():
+    """The extractor resizes on the device only for sources with one declared shape."""
+    import tensorflow_datasets as tfds
+
+    from pipeline_lib.data import open_dataset
+
+    with tfds.testing.mock_data(num_examples=4):
+        cifar = open_dataset("cifar10", {"source": "tfds"}, "train")
+        imagenet = open_dataset("imagenet2012", {"source": "tfds"}, "train")
+        assert cifar.image_shape == (32, 32, 3)
+        assert cifar.read(0, 4)[0].shape == (4, 32, 32, 3)
+        assert not hasattr(imagenet, "image_shape")
+        assert isinstance(imagenet.read(0, 2)[0], list)
