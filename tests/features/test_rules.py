@@ -111,10 +111,12 @@ def test_dry_run_plans_one_job_per_shard(tmp_path):
 
 
 def _library_store(path: Path, n: int, split: str = "train") -> Path:
-    from pipeline_lib.data import load_dataset
+    from pipeline_lib.data import open_dataset
     from pipeline_lib.features.extract import extract_to_store
 
-    data = load_dataset("fashion_mnist", split, max_examples=n)
+    # the same dataset entry the rules see, so the store attributes (dataset key) agree
+    spec = {"source": "fashion_mnist", "data_dir": str(FMNIST), f"max_{split}_examples": n}
+    data = open_dataset("fmnist", spec, split)
     extract_to_store(
         data,
         backbone_name="efficientnet_lite0",
