@@ -109,6 +109,18 @@ class ViTConfig:
     def feature_dim(self) -> int:
         return self.representation_size or self.width
 
+    @property
+    def feature_description(self) -> str:
+        """What ``pre_logits`` is, in words (for logs and store attributes)."""
+        pooled = {
+            "tok": "[cls] token after encoder_norm",
+            "gap": "mean of the patch tokens after encoder_norm",
+            "map": "MAP-head (attention-pooled) token",
+        }[self.pool]
+        if self.representation_size:
+            pooled = f"tanh(pre_logits({pooled}))"
+        return f"ViT-{self.variant} {pooled}, {self.feature_dim}-d"
+
     def grid_size(self, image_size: int | None = None) -> int:
         """Patches per side at ``image_size`` (None: native)."""
         return (self.image_size if image_size is None else image_size) // self.patch_size

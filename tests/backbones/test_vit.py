@@ -256,6 +256,11 @@ def test_feature_dim_follows_the_head():
     assert tiny_config(pool="tok", representation_size=None).feature_dim == 64
     assert tiny_config(pool="gap", representation_size=None).feature_dim == 64
     assert tiny_config(pool="tok", representation_size=32).feature_dim == 32
+    assert (
+        tiny_config(pool="tok", representation_size=32).feature_description
+        == "ViT-tiny/4 tanh(pre_logits([cls] token after encoder_norm)), 32-d"
+    )
+    assert "mean of the patch tokens" in tiny_config(pool="gap").feature_description
     shapes = {
         "cls": (1, 1, 64),
         "pre_logits/kernel": (64, 32),
