@@ -133,8 +133,9 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n**3 / statistics.median(seconds)
 
 
-def xla_flops(fn, *args) -> float | None:
-    cost = fn.lower(*args).compile().cost_analysis()
+def xla_flops(compiled) -> float | None:
+    """'flops' of a compiled XLA executable's cost analysis (None if unavailable)."""
+    cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
         cost = cost[0] if cost else {}
     flops = (cost or {}).get("flops")
@@ -157,11 +158,14 @@ def run_model(model: str, args, mesh: Mesh, raw: np.ndarray) -> tuple[dict, np.n
             out_shardings=batch_sharded,
         )
 
-    fn = forward(module)
-    flops_total = xla_flops(forward(flops_module), variables, images)
     start = time.perf_counter()
+    fn = forward(module).lower(variables, images).compile()
     features = jax.block_until_ready(fn(variables, images))
     compile_s = time.perf_counter() - start
+    if flops_module is module:
+        flops_total = xla_flops(fn)
+    else:
+        flops_total = xla_flops(forward(flops_module).lower(variables, images).compile())
     seconds = []
     cpu_start = time.process_time()
     for _ in range(args.repeats):

@@ -437,7 +437,17 @@ def load_variables(
             f"{c.image_size} ({c.grid_size() ** 2} patches)"
             + (f"; the checkpoint has {found}" if found else "")
         )
-        match_parameters(shapes, expected, source=source, notes=(summary, *problems))
+        notes = [summary, *problems]
+        pe = shapes.get("pos_embedding")
+        if pe is not None and len(pe) == 3 and pe != expected["pos_embedding"]:
+            grid = int(round(np.sqrt(pe[1])))
+            if grid * grid == pe[1] and pe[2] == c.width:
+                notes.append(
+                    f"  its position embeddings are a {grid}x{grid} grid, i.e. native image "
+                    f"size {grid * c.patch_size}: set image_size: {grid * c.patch_size} in the "
+                    "backbone's config entry"
+                )
+        match_parameters(shapes, expected, source=source, notes=tuple(notes))
     if problems:
         raise CheckpointMismatchError(
             "\n".join([f"checkpoint {source} could not be converted:", *problems])

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import scipy.ndimage
 from flax import traverse_util
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline_lib.backbones import CheckpointMismatchError, get_backbone, vit
 
@@ -357,8 +359,11 @@ def test_a_checkpoint_at_another_resolution_fails_unless_configured(tmp_path):
     flat.update({k: v for k, v in random_flat_params(config).items() if k.startswith("head")})
     flat.update({k: v for k, v in random_flat_params(config).items() if "pre_logits" in k})
     path = save_big_vision(tmp_path / "hires.npz", flat)
-    with pytest.raises(CheckpointMismatchError, match=r"pos_embedding: checkpoint \(1, 144, 64\)"):
+    with pytest.raises(CheckpointMismatchError) as info:
         vit.load_variables(path, config)
+    assert "1 mis-shaped" in str(info.value)
+    assert "pos_embedding: checkpoint (1, 144, 64), model (1, 64, 64)" in str(info.value)
+    assert "set image_size: 48" in str(info.value)
     hires = vit.get_config(
         "tiny/4", image_size=48, pool="tok", representation_size=64, num_classes=10
     )
@@ -390,6 +395,23 @@ def test_resample_is_bilinear_with_corners_aligned():
     np.testing.assert_allclose(out[:, :, 0], np.broadcast_to(u[:, None], (13, 13)), atol=1e-5)
     np.testing.assert_allclose(out[:, :, 1], np.broadcast_to(u[None, :], (13, 13)), atol=1e-5)
     np.testing.assert_allclose(out[:, :, 2], 2 * out[:, :, 0] - 3 * out[:, :, 1] + 1, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    old=st.integers(1, 9),
+    new=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_resampling_is_a_convex_combination(old, new, seed):
+    """Every output entry lies within the range of its channel's inputs, and constant
+    embeddings stay constant."""
+    pe = np.random.default_rng(seed).normal(size=(1, old * old, 3))
+    out = vit.resample_posemb(pe, new)
+    assert out.shape == (1, new * new, 3)
+    assert np.all(out >= pe.min(axis=1, keepdims=True) - 1e-12)
+    assert np.all(out <= pe.max(axis=1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(vit.resample_posemb(np.full((1, old * old, 2), 0.7), new), 0.7)
 
 
 def test_load_variables_resamples_to_the_requested_size(tmp_path):
