@@ -30,6 +30,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 read -r BACKEND NDEV KIND < <("$PYTHON" -c \
   'import jax; d = jax.local_devices(); print(jax.default_backend(), len(d), d[0].device_kind.replace(" ", "_"))')
+if [[ -z "${NDEV:-}" ]]; then
+  echo "error: could not import jax with $PYTHON" >&2
+  exit 1
+fi
 echo "backend: $BACKEND, devices: $NDEV x $KIND"
 if [[ "$BACKEND" == "cpu" && "${ALLOW_CPU:-0}" != "1" ]]; then
   echo "error: jax sees no accelerator (backend cpu); install a CUDA-enabled jax, or set ALLOW_CPU=1" >&2
