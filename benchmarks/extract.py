@@ -14,8 +14,10 @@ Models (``--models``, comma-separated):
 What is measured, per model: one jitted forward pass (``module.apply``, preprocessed
 images in, features out) at a fixed batch shape. The first call (compile + run) is not
 timed; then ``--repeats`` calls are timed one by one, and the median and best img/s are
-reported. With more than one device the batch is split over all local devices
-(``jax.sharding``, data-parallel, parameters replicated).
+reported; on CPU also a "cpu-normalised" rate, images per CPU-second of this process
+times the number of cores, which estimates an idle machine's rate when other jobs share
+the cores (as in benchmarks/RESULTS_backbone.md). With more than one device the batch
+is split over all local devices (``jax.sharding``, data-parallel, parameters replicated).
 
 FLOPs per image come from XLA: ``jit(apply).lower(...).compile().cost_analysis()['flops']``
 of the forward at the batch shape, divided by the batch. For Lite0 the count is taken
@@ -189,6 +191,13 @@ def run_model(model: str, args, mesh: Mesh, raw: np.ndarray) -> tuple[dict, np.n
         "img_per_s_best": batch / min(seconds),
         "compile_and_first_call_s": compile_s,
         "process_cpu_s_per_wall_s": cpu_s / sum(seconds),
+        # Images per CPU-second of this process x cores: what an idle machine would give,
+        # roughly (contention for caches and memory bandwidth still counts). CPU only.
+        "img_per_s_cpu_normalised": (
+            batch * args.repeats / cpu_s * os.cpu_count()
+            if jax.default_backend() == "cpu"
+            else None
+        ),
         "flops_per_image_xla": flops_per_image,
         "flops_per_image_analytic": analytic,
         "flops_source": "XLA cost_analysis of the jitted forward at the batch shape"
@@ -251,6 +260,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{record['img_per_s_median']:8.2f} img/s (best {record['img_per_s_best']:.2f}), "
             f"{gflops:7.2f} GFLOP/img, "
             f"{(record['achieved_flops_per_s'] or 0) / 1e9:8.1f} GFLOP/s"
+            + (
+                f", cpu-normalised {record['img_per_s_cpu_normalised']:.2f} img/s"
+                if record["img_per_s_cpu_normalised"]
+                else ""
+            )
             + (
                 f", {100 * record['fraction_of_peak']:.1f}% of peak"
                 if "fraction_of_peak" in record
