@@ -44,6 +44,7 @@ __all__ = [
     "read_npz",
     "read_npz_shapes",
     "resolve_url",
+    "save_npz",
     "sha256_file",
 ]
 
@@ -197,6 +198,23 @@ def _recover_dtype(array: np.ndarray) -> np.ndarray:
 
         return array.view(ml_dtypes.bfloat16)
     return array
+
+
+def save_npz(path: str | os.PathLike, params: Mapping) -> None:
+    """Write a (nested) parameter tree as big_vision does: an ``.npz`` with one member per
+    parameter, named by its "/"-joined path (e.g. ``Transformer/encoder_norm/scale``)."""
+
+    def flatten(tree: Mapping, prefix: str) -> dict[str, np.ndarray]:
+        flat = {}
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                flat.update(flatten(value, name + "/"))
+            else:
+                flat[name] = np.asarray(value)
+        return flat
+
+    np.savez(path, **flatten(params, ""))
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ from pipeline_lib.backbones.checkpoints import (
     read_npz,
     read_npz_shapes,
     resolve_url,
+    save_npz,
 )
 
 PAYLOAD = b"tiny checkpoint bytes " * 1000
@@ -164,6 +165,20 @@ def test_npz_readers(tmp_path):
         read_npz_shapes(tmp_path / "bad.npz")
     with pytest.raises(CheckpointError, match="bad.npz: not a readable .npz"):
         read_npz(tmp_path / "bad.npz")
+
+
+def test_save_npz_writes_flat_slash_names(tmp_path):
+    path = tmp_path / "tree.npz"
+    save_npz(path, {"Transformer": {"encoder_norm": {"scale": np.ones(2)}}, "cls": np.zeros(1)})
+    assert read_npz_shapes(path) == {"Transformer/encoder_norm/scale": (2,), "cls": (1,)}
+
+
+def test_bfloat16_members_are_recovered(tmp_path):
+    import ml_dtypes
+
+    path = tmp_path / "bf16.npz"
+    np.savez(path, x=np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(read_npz(path)["x"].astype(np.float32), [0, 1, 2, 3])
 
 
 def test_match_parameters():

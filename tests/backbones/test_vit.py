@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline_lib.backbones import CheckpointMismatchError, get_backbone, vit
+from pipeline_lib.backbones.checkpoints import save_npz
 
 SIZE = 32  # tiny/4 at 32 px: an 8x8 grid of patches.
 
@@ -315,6 +316,28 @@ def test_old_vision_transformer_layout_gives_the_same_features(tmp_path, pool):
     expected = vit.ViT(config).apply(variables_of(flat), x)["pre_logits"]
     got = vit.ViT(config).apply(variables, x)["pre_logits"]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_inlined_map_head_of_early_checkpoints_is_moved_under_maphead(tmp_path):
+    config = tiny_config(pool="map", representation_size=None, num_classes=None)
+    flat = random_flat_params(config)
+    inlined = {k.removeprefix("MAPHead_0/"): v for k, v in flat.items()}
+    assert "probe" in inlined and "MlpBlock_0/Dense_0/kernel" in inlined
+    assert vit.head_config_from_shapes({k: v.shape for k, v in inlined.items()})["pool"] == "map"
+    variables = vit.load_variables(save_big_vision(tmp_path / "g.npz", inlined), config)
+    np.testing.assert_array_equal(
+        variables["params"]["MAPHead_0"]["probe"], flat["MAPHead_0/probe"]
+    )
+
+
+def test_random_variables_round_trip_through_save_npz(tmp_path):
+    config = tiny_config()
+    variables = vit.random_variables(config, seed=3)
+    path = tmp_path / "random.npz"
+    save_npz(path, variables["params"])
+    loaded = vit.load_variables(str(path), config)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_strict_matching_lists_every_problem_in_one_error(tmp_path):
