@@ -7,6 +7,10 @@ its pre-trained weights (from a pip-installed checkpoint, verified by sha256)::
     variables, checkpoint_sha256 = backbone.load_variables()
     out = backbone.module.apply(variables, backbone.preprocess(images))
     features = out["pre_logits"]  # (B, backbone.feature_dim)
+
+Backbones with user-supplied checkpoints (ViT) are described by a config entry
+``backbones.<name>`` and built with ``get_backbone(name, spec=entry, cache_dir=...)``;
+see ``pipeline_lib.backbones.vit`` and ``pipeline_lib.backbones.checkpoints``.
 """
 
 from __future__ import annotations
@@ -15,21 +19,31 @@ import dataclasses
 import hashlib
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pipeline_lib.backbones import efficientnet_lite
+from pipeline_lib.backbones import efficientnet_lite, vit
+from pipeline_lib.backbones.checkpoints import (
+    DEFAULT_CACHE_DIR,
+    CheckpointError,
+    CheckpointMismatchError,
+    fetch_checkpoint,
+    read_npz_shapes,
+)
 from pipeline_lib.backbones.torch_legacy import load_legacy_state_dict
 
 __all__ = [
     "Backbone",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "MissingWeightsError",
     "checkpoint_path",
     "default_chunk_pixels",
     "default_depthwise_impl",
+    "DEFAULT_CACHE_DIR",
     "get_backbone",
     "list_backbones",
 ]
@@ -144,34 +158,58 @@ def default_chunk_pixels(backend: str | None = None) -> int | None:
 
 
 def get_backbone(
-    name: str, *, dtype: str = "float32", depthwise_impl: str | None = None
+    name: str,
+    *,
+    dtype: str = "float32",
+    depthwise_impl: str | None = None,
+    spec: Mapping | None = None,
+    cache_dir: str | None = None,
 ) -> Backbone:
-    """The backbone called ``name`` (see ``list_backbones()``).
+    """The backbone called ``name``: a built-in one (see ``list_backbones()``), or the one
+    that ``spec``, the config entry ``backbones.<name>``, describes.
 
     Args:
       dtype: compute dtype, "float32" or "bfloat16" (parameters and outputs stay float32;
         bfloat16 is for accelerators, it is not faster on XLA:CPU).
-      depthwise_impl: one of ``efficientnet_lite.DEPTHWISE_IMPLS``, or None for
-        ``default_depthwise_impl()``. All give the same logits to ~1e-5.
+      depthwise_impl: EfficientNet-Lite only: one of ``efficientnet_lite.DEPTHWISE_IMPLS``,
+        or None for ``default_depthwise_impl()``. All give the same logits to ~1e-5.
+      spec: None for a built-in backbone, or a mapping with ``model`` ("vit" or
+        "efficientnet_lite"), ``variant`` ("B/16"; "lite0"), and for ViT ``checkpoint``
+        (local path or file/http(s)/gs URL), optional ``sha256``, ``allow_network``
+        (default false) and ``image_size`` (native resolution, default 224).
+      cache_dir: where downloaded checkpoints are cached (None: ``DEFAULT_CACHE_DIR``).
 
-    On CPU the module runs large batches as a sequence of sub-batches
+    On CPU, EfficientNet-Lite runs large batches as a sequence of sub-batches
     (``default_chunk_pixels()``), which gives the same results
     (to float32 rounding) faster. To change that, use
     ``dataclasses.replace(backbone, module=backbone.module.clone(chunk_pixels=...))``.
 
-    Weights are not read here; ``load_variables()`` does that (and raises
-    ``MissingWeightsError`` naming the pip package if it is not installed).
+    Built-in weights are not read here; ``load_variables()`` does that (and raises
+    ``MissingWeightsError`` naming the pip package if it is not installed). For a ViT
+    spec, the checkpoint is fetched here (from the cache, or downloaded if
+    ``allow_network``) and its parameter names and shapes (not values) are read, because
+    they define the feature: the pooling and the optional ``pre_logits`` layer.
     """
-    if name not in _EFFICIENTNET_LITE:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    if spec is not None:
+        return _backbone_from_spec(
+            name, spec, dtype=dtype, depthwise_impl=depthwise_impl, cache_dir=cache_dir
+        )
+    if name not in _EFFICIENTNET_LITE:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
+    return _efficientnet_lite_backbone(name, name, dtype=dtype, depthwise_impl=depthwise_impl)
+
+
+def _efficientnet_lite_backbone(
+    name: str, builtin: str, *, dtype: str, depthwise_impl: str | None
+) -> Backbone:
     impl = default_depthwise_impl() if depthwise_impl is None else depthwise_impl
     if impl not in efficientnet_lite.DEPTHWISE_IMPLS:
         raise ValueError(
             f"unknown depthwise_impl {impl!r}; choose one of {efficientnet_lite.DEPTHWISE_IMPLS}"
         )
-    config = efficientnet_lite.get_config(_EFFICIENTNET_LITE[name][0])
+    config = efficientnet_lite.get_config(_EFFICIENTNET_LITE[builtin][0])
     return Backbone(
         name=name,
         module=efficientnet_lite.EfficientNetLite(
@@ -181,5 +219,81 @@ def get_backbone(
         feature_dim=config.head_channels,
         preprocessing=efficientnet_lite.PREPROCESSING,
         _preprocess_fn=efficientnet_lite.preprocess_images,
-        _load_fn=lambda image_size: _load_efficientnet_lite(name),
+        _load_fn=lambda image_size: _load_efficientnet_lite(builtin),
+    )
+
+
+_SPEC_KEYS = {
+    "vit": ({"model", "variant", "checkpoint"}, {"sha256", "allow_network", "image_size"}),
+    "efficientnet_lite": ({"model", "variant"}, set()),
+}
+
+
+def _backbone_from_spec(
+    name: str,
+    spec: Mapping,
+    *,
+    dtype: str,
+    depthwise_impl: str | None,
+    cache_dir: str | None,
+) -> Backbone:
+    where = f"backbones.{name}"
+    model = spec.get("model")
+    if model not in _SPEC_KEYS:
+        raise ValueError(f"{where}.model is {model!r}; choose one of {sorted(_SPEC_KEYS)}")
+    required, optional = _SPEC_KEYS[model]
+    if missing := sorted(required - spec.keys()):
+        raise ValueError(f"{where}: missing key(s) {missing} for model {model!r}")
+    if extra := sorted(spec.keys() - required - optional):
+        raise ValueError(
+            f"{where}: unknown key(s) {extra} for model {model!r}; "
+            f"allowed: {sorted(required | optional)}"
+        )
+    if model == "efficientnet_lite":
+        builtin = f"efficientnet_{spec['variant']}"
+        if builtin not in _EFFICIENTNET_LITE:
+            raise ValueError(
+                f"{where}.variant is {spec['variant']!r}; choose one of lite0, lite1, lite2"
+            )
+        return _efficientnet_lite_backbone(
+            name, builtin, dtype=dtype, depthwise_impl=depthwise_impl
+        )
+    if depthwise_impl is not None:
+        raise ValueError(f"{where}: depthwise_impl applies to EfficientNet-Lite only")
+    return _vit_backbone(name, spec, dtype=dtype, cache_dir=cache_dir)
+
+
+def _vit_backbone(name: str, spec: Mapping, *, dtype: str, cache_dir: str | None) -> Backbone:
+    where = f"backbones.{name}"
+    fetch = dict(
+        cache_dir=cache_dir,
+        sha256=spec.get("sha256"),
+        allow_network=bool(spec.get("allow_network", False)),
+        config_key=f"{where}.allow_network",
+    )
+    uri = str(spec["checkpoint"])
+    path, _ = fetch_checkpoint(uri, **fetch)
+    head = vit.head_config_from_shapes(read_npz_shapes(path))
+    try:
+        config = vit.get_config(
+            str(spec["variant"]),
+            image_size=int(spec.get("image_size") or vit.DEFAULT_IMAGE_SIZE),
+            **head,
+        )
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+    def load(image_size: int | None) -> tuple[dict, str]:
+        local, sha256 = fetch_checkpoint(uri, **fetch)
+        source = uri if local == uri else f"{uri} ({local})"
+        return vit.load_variables(local, config, image_size=image_size, source=source), sha256
+
+    return Backbone(
+        name=name,
+        module=vit.ViT(config, dtype=_DTYPES[dtype]),
+        native_image_size=config.image_size,
+        feature_dim=config.feature_dim,
+        preprocessing=vit.PREPROCESSING,
+        _preprocess_fn=vit.preprocess_images,
+        _load_fn=load,
     )

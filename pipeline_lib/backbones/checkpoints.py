@@ -1,0 +1,276 @@
+"""Fetching, caching and reading checkpoint files, and strict parameter matching.
+
+``fetch_checkpoint`` turns a checkpoint URI from the config (a local path, ``file://``,
+``http(s)://`` or ``gs://bucket/object``) into a local file and its sha256:
+
+* local files are used in place (never copied);
+* remote files are cached under ``cache_dir`` in a file named after the URL (a readable
+  base name plus a hash of the whole URL), so two URLs never share a cache entry;
+* a download goes to a temporary file in ``cache_dir`` and is renamed into place only when
+  complete and (if an expected sha256 is given) verified, so a killed or corrupt download
+  never looks cached, and concurrent jobs fetching the same URL are safe;
+* nothing is downloaded unless ``allow_network`` is true: the default run is offline.
+
+``read_npz`` and ``read_npz_shapes`` read ``.npz`` checkpoints whose member names are
+"/"-joined parameter paths (the big_vision / vision_transformer format);
+``match_parameters`` compares a checkpoint with the parameters a model expects and lists
+every missing, unexpected and mis-shaped parameter in one error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+
+import numpy as np
+
+from pipeline_lib.backbones.efficientnet_lite import CheckpointMismatchError
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointNotFoundError",
+    "cache_path",
+    "fetch_checkpoint",
+    "match_parameters",
+    "read_npz",
+    "read_npz_shapes",
+    "resolve_url",
+    "save_npz",
+    "sha256_file",
+]
+
+DEFAULT_CACHE_DIR = "~/.cache/dp_features/checkpoints"
+
+_DOWNLOAD_BLOCK_BYTES = 1 << 20
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be fetched or failed its checksum."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A local checkpoint file does not exist, or a remote one is neither cached nor
+    downloadable."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 digest of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_DOWNLOAD_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_url(uri: str) -> str | None:
+    """The http(s) URL to download ``uri`` from, or None if it is a local file.
+
+    ``gs://bucket/object`` maps to the public HTTPS endpoint of Google Cloud Storage,
+    ``https://storage.googleapis.com/bucket/object`` (public buckets only; no credentials).
+    """
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        return uri
+    if scheme == "gs":
+        bucket_and_object = uri[len("gs://") :]
+        if "/" not in bucket_and_object.strip("/"):
+            raise CheckpointError(f"{uri!r}: a gs:// URI needs a bucket and an object name")
+        return "https://storage.googleapis.com/" + urllib.parse.quote(bucket_and_object)
+    if scheme in ("", "file") or re.fullmatch(r"[a-zA-Z]", scheme):  # "C:\..." on Windows
+        return None
+    raise CheckpointError(
+        f"{uri!r}: unsupported checkpoint location; use a local path, file://, http(s):// or "
+        "gs://bucket/object"
+    )
+
+
+def _local_path(uri: str) -> str:
+    if uri.lower().startswith("file://"):
+        uri = urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def cache_path(url: str, cache_dir: str | os.PathLike) -> str:
+    """Where the download of ``url`` is cached: ``<cache_dir>/<urlhash16>-<base name>``."""
+    base = os.path.basename(urllib.parse.urlsplit(url).path) or "checkpoint"
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", urllib.parse.unquote(base))[-150:]
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return os.path.join(os.path.expanduser(os.fspath(cache_dir)), f"{url_hash}-{base}")
+
+
+def _checksum_error(uri: str, expected: str, got: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {uri}: sha256 mismatch: expected {expected}, got {got} ({what}). "
+        "Check the URL and the sha256 in the config."
+    )
+
+
+def _download(url: str, uri: str, dest: str, expected_sha256: str | None) -> str:
+    """Download ``url`` to ``dest`` atomically; return the sha256 of what was written."""
+    directory = os.path.dirname(dest)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".partial-", suffix=".tmp")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+                    for block in iter(lambda: response.read(_DOWNLOAD_BLOCK_BYTES), b""):
+                        digest.update(block)
+                        out.write(block)
+            except (urllib.error.URLError, OSError) as e:
+                raise CheckpointError(f"checkpoint {uri}: download from {url} failed: {e}") from e
+            out.flush()
+            os.fsync(out.fileno())
+        got = digest.hexdigest()
+        if expected_sha256 is not None and got != expected_sha256:
+            raise _checksum_error(uri, expected_sha256, got, f"downloaded from {url}; not cached")
+        os.replace(tmp, dest)
+        return got
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def fetch_checkpoint(
+    uri: str,
+    *,
+    cache_dir: str | os.PathLike | None,
+    sha256: str | None = None,
+    allow_network: bool = False,
+    config_key: str = "allow_network",
+) -> tuple[str, str]:
+    """(local path, sha256 hex digest) of the checkpoint at ``uri``.
+
+    Args:
+      uri: local path (``~`` expanded), ``file://``, ``http(s)://`` or ``gs://`` URI.
+      cache_dir: directory of cached downloads (None: ``DEFAULT_CACHE_DIR``).
+      sha256: expected hex digest, or None. The digest is always computed and returned;
+        when given and different, this raises (naming the URI, both digests) and a
+        cached or downloaded file is deleted, so a rerun cannot pick it up.
+      allow_network: may a remote checkpoint that is not cached be downloaded?
+      config_key: the config key that sets ``allow_network``, named in the error.
+    """
+    expected = sha256.lower() if sha256 else None
+    url = resolve_url(uri)
+    if url is None:
+        path = _local_path(uri)
+        if not os.path.isfile(path):
+            raise CheckpointNotFoundError(f"checkpoint file {path} does not exist (from {uri!r})")
+        got = sha256_file(path)
+        if expected is not None and got != expected:
+            raise _checksum_error(uri, expected, got, f"local file {path}, left in place")
+        return path, got
+
+    path = cache_path(url, cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    if os.path.isfile(path):
+        got = sha256_file(path)
+        if expected is not None and got != expected:
+            os.remove(path)
+            raise _checksum_error(uri, expected, got, f"cached file {path}, now deleted")
+        return path, got
+    if not allow_network:
+        raise CheckpointNotFoundError(
+            f"checkpoint {uri} is not in the cache ({path}) and network access is off. Set "
+            f"{config_key}: true in the config to download it, or download {url} yourself "
+            f"and put it at that path or point the checkpoint at a local file."
+        )
+    return path, _download(url, uri, path, expected)
+
+
+# Reading .npz checkpoints.
+
+
+def _recover_dtype(array: np.ndarray) -> np.ndarray:
+    """Arrays saved from bfloat16 come back as 2-byte void; reinterpret them."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+        import ml_dtypes
+
+        return array.view(ml_dtypes.bfloat16)
+    return array
+
+
+def save_npz(path: str | os.PathLike, params: Mapping) -> None:
+    """Write a (nested) parameter tree as big_vision does: an ``.npz`` with one member per
+    parameter, named by its "/"-joined path (e.g. ``Transformer/encoder_norm/scale``)."""
+
+    def flatten(tree: Mapping, prefix: str) -> dict[str, np.ndarray]:
+        flat = {}
+        for key, value in tree.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                flat.update(flatten(value, name + "/"))
+            else:
+                flat[name] = np.asarray(value)
+        return flat
+
+    np.savez(path, **flatten(params, ""))
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file: member name (without ``.npy``) -> array."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: _recover_dtype(npz[name]) for name in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint: {e}") from e
+
+
+def read_npz_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Member name -> shape of an ``.npz`` file, from the array headers only (cheap)."""
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with archive.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                    else:
+                        shape, _, _ = np.lib.format.read_array_header_2_0(f)
+                shapes[member[: -len(".npy")]] = tuple(shape)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint: {e}") from e
+    return shapes
+
+
+def match_parameters(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    source: str,
+    notes: tuple[str, ...] = (),
+) -> None:
+    """Raise ``CheckpointMismatchError`` listing every missing, unexpected and mis-shaped
+    parameter (name -> shape maps) at once; ``notes`` are added after the summary line."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    misshaped = sorted(
+        k for k in expected.keys() & found.keys() if tuple(found[k]) != tuple(expected[k])
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [
+        f"checkpoint {source} does not match the model: {len(missing)} missing, "
+        f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped parameter(s)",
+        *notes,
+    ]
+    lines += [f"  missing: {k} {tuple(expected[k])}" for k in missing]
+    lines += [f"  unexpected: {k} {tuple(found[k])}" for k in unexpected]
+    lines += [
+        f"  mis-shaped: {k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
+        for k in misshaped
+    ]
+    raise CheckpointMismatchError("\n".join(lines))
