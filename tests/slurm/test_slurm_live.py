@@ -36,7 +36,7 @@ def readme_command() -> list[str]:
     lines = [
         line.strip()
         for line in section.splitlines()
-        if line.strip().startswith("snakemake --workflow-profile slurm")
+        if line.strip().startswith("snakemake --workflow-profile profiles/slurm")
         and "slurm_partition=ci" in line
     ]
     assert len(lines) == 1, f"README must show exactly one CI cluster command, found {lines}"
