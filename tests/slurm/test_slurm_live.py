@@ -23,7 +23,7 @@ WORKFLOW_TESTS = ROOT / "tests" / "workflow"
 CLUSTER = ROOT / "tools" / "slurm" / "local_cluster.sh"
 PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def cluster(tmp_path_factory):
     if not FMNIST.exists():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
     root = _as_root()
-    missing = [b for b in DAEMONS if not _has(b)]
+    missing = [b for b in SLURM_BINARIES if not _has(b)]
     if root is None:
         pytest.skip(
             "starting munged/slurmctld/slurmd needs root or passwordless sudo "
@@ -231,6 +231,9 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     assert job_stats(out) == {"fit_head": 2, "report_experiment": 1, "all": 1, "total": 4}
     assert re.search(r"Error in rule fit_head", out), out[-4000:]
     assert "must be < 1/N" in out, out[-4000:]  # the failed job's log is shown
+    # ... and its traceback shows that the SLURM job ran this checkout's code (sbatch
+    # --export=ALL passes PYTHONPATH and PATH on to the job)
+    assert str(ROOT / "pipeline_lib" / "runner.py") in out, out[-4000:]
     jobs = {i: slurm_job(i) for i in SUBMITTED.findall(out)}
     states = {job["JobState"]: rule_of(job) for job in jobs.values()}
     assert states == {"FAILED": "fit_head", "COMPLETED": "fit_head"}, states
