@@ -19,6 +19,19 @@ if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
   apt_install dataset-fashion-mnist || echo "setup: WARNING: could not install dataset-fashion-mnist; set datasets.fashion_mnist.data_dir or allow_network in config/config.yaml" >&2
 fi
 
+# SLURM and munge for tests/slurm (a live single-node cluster on localhost, started and stopped
+# by tools/slurm/local_cluster.sh). Only as root or with passwordless sudo, only when missing;
+# without them that test skips. The Debian packages may enable system services; the test does
+# not use those.
+if [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/sbin/munged ] \
+  || ! command -v sbatch >/dev/null; then
+  if [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; then
+    echo "setup: installing Debian packages slurmctld slurmd slurm-client munge (for tests/slurm)"
+    apt_install --no-install-recommends slurmctld slurmd slurm-client munge \
+      || echo "setup: WARNING: could not install SLURM; tests/slurm will fail as root" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
