@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_TESTS = ROOT / "tests" / "workflow"
 PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
-EXTRACTION_RULES = {"extract_features", "extract_shard"}  # one GPU per job
+EXTRACTION_RULES = {"extract_shard"}  # one GPU per job
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -213,14 +213,15 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     work, _ = slurm_run
     exps = yaml.safe_load((work / "experiments.yaml").read_text())
     tiny = exps["experiments"]["tiny"]
-    # Same features and stats as `tiny`; delta >= 1/N (N=600) passes config validation but
-    # is rejected when the DP-LS head learns N, so exactly one job fails at run time.
+    # Same features as `tiny`; a DP-SGD expected batch larger than the training split
+    # (N = 600, known only once the features exist) passes config validation but is
+    # rejected when the head learns N, so exactly one job fails at run time.
     exps["experiments"]["broken"] = {
         **{k: tiny[k] for k in ("dataset", "backbone", "image_size", "accountant")},
         "epsilons": [1],
-        "delta": 0.01,
+        "delta": 1.0e-4,
         "seeds": [0],
-        "methods": {"dp_ls": tiny["methods"]["dp_ls"]},
+        "methods": {"dp_sgd": {"batch_size": 1000, "epochs": 1}},
         "baselines": {"nonprivate_ridge": tiny["baselines"]["nonprivate_ridge"]},
     }
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
@@ -228,9 +229,15 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     failed = snakemake_slurm(work, timeout=600)
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0, out[-4000:]
-    assert job_stats(out) == {"fit_head": 2, "report_experiment": 1, "all": 1, "total": 4}
+    assert job_stats(out) == {
+        "fit_head": 2,
+        "report_experiment": 1,
+        "report_index": 1,
+        "all": 1,
+        "total": 5,
+    }
     assert re.search(r"Error in rule fit_head", out), out[-4000:]
-    assert "must be < 1/N" in out, out[-4000:]  # the failed job's log is shown
+    assert "exceeds the 600 training examples" in out, out[-4000:]  # the job's log is shown
     # ... and its traceback shows that the SLURM job ran this checkout's code (sbatch
     # --export=ALL passes PYTHONPATH and PATH on to the job)
     assert str(ROOT / "pipeline_lib" / "runner.py") in out, out[-4000:]
@@ -238,24 +245,33 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     states = {job["JobState"]: rule_of(job) for job in jobs.values()}
     assert states == {"FAILED": "fit_head", "COMPLETED": "fit_head"}, states
     (failed_id,) = [i for i, job in jobs.items() if job["JobState"] == "FAILED"]
-    assert "broken_dp_ls" in jobs[failed_id]["Comment"]
+    assert "broken_" in jobs[failed_id]["Comment"] and "dp_sgd" in jobs[failed_id]["Comment"]
     assert f"SLURM-job '{failed_id}' failed" in out  # snakemake names the SLURM job
-    runs = work / "results" / "runs" / "broken"
+    runs = (
+        work / "results" / "runs" / "broken" / "fashion_mnist_tiny" / "efficientnet_lite0" / "32px"
+    )
     ridge = runs / "nonprivate_ridge" / "nonprivate" / "seed0" / "metrics.json"
     assert ridge.exists()  # keep-going: the independent job still finished
-    assert not (runs / "dp_ls").exists() or not list((runs / "dp_ls").rglob("metrics.json"))
+    assert not list((runs / "dp_sgd").rglob("metrics.json"))
     assert not (work / "results" / "reports" / "broken").exists()
     ridge_mtime = ridge.stat().st_mtime_ns
 
-    exps["experiments"]["broken"]["delta"] = 1.0e-4
+    exps["experiments"]["broken"]["methods"]["dp_sgd"]["batch_size"] = 128  # the fix
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
     rerun = snakemake_slurm(work, timeout=600)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-6000:]
-    # only the failed head and the report that waited for it
-    assert job_stats(out) == {"fit_head": 1, "report_experiment": 1, "all": 1, "total": 3}
+    # only the failed head and the reports that waited for it
+    assert job_stats(out) == {
+        "fit_head": 1,
+        "report_experiment": 1,
+        "report_index": 1,
+        "all": 1,
+        "total": 4,
+    }
     ids = SUBMITTED.findall(out)
-    assert sorted(rule_of(slurm_job(i)) for i in ids) == ["fit_head", "report_experiment"]
+    rules = sorted(rule_of(slurm_job(i)) for i in ids)
+    assert rules == ["fit_head", "report_experiment", "report_index"]
     assert all(slurm_job(i)["JobState"] == "COMPLETED" for i in ids)
     assert ridge.stat().st_mtime_ns == ridge_mtime
     assert (work / "results" / "reports" / "broken" / "summary.csv").stat().st_size > 0
