@@ -672,16 +672,16 @@ def _write_runs_csv(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def _ledger_md(rows) -> list[str]:
     lines = [
-        "| Dataset | Releases | Experiments | Total ε | at δ (sum) | Accountant "
+        "| Dataset | Releases | Experiments | Total ε | at δ | Accountant "
         "| Largest single-run ε | Sum of run ε (basic composition) | Meaningful (δ < 1/N) |",
         "|---|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.dataset} | {row.num_releases} | {', '.join(row.experiments)} "
-            f"| {row.epsilon_total:.4g} | {row.delta_total:.3g} | {row.accountant} "
+            f"| {row.epsilon_total:.4g} | {row.delta:.3g} | {row.accountant} "
             f"| {row.max_run_epsilon:.4g} | {row.sum_run_epsilon:.4g} "
-            f"| {'yes' if row.meaningful else 'NO: δ_total ≥ 1/N'} |"
+            f"| {'yes' if row.meaningful else 'NO: δ ≥ 1/N'} |"
         )
     return lines
 
@@ -689,7 +689,8 @@ def _ledger_md(rows) -> list[str]:
 LEDGER_NOTE = (
     "The privacy ledger composes, per private dataset, every release the reports "
     "publish (all experiments, methods, epsilons, seeds and tuning candidates) with "
-    "dp_accounting (the smaller of the PLD and RDP bounds). Each row's total is what "
+    "dp_accounting (the smaller of the PLD and RDP bounds), at the smallest δ those runs "
+    "targeted. Each row's total is what "
     "publishing all of these results costs that dataset; per-run epsilons in the "
     "tables hold for one released head alone. Datasets are grouped by config key: "
     "keys that name the same data (e.g. a subset) must be added up by the reader."

@@ -6,7 +6,10 @@ dataset is one big adaptive composition, and its cost is what a reader of the
 reports should weigh, not the per-run epsilon alone. The ledger composes, per
 dataset, every released event with ``dp_accounting`` (PLD and RDP; both are
 valid upper bounds, the smaller is reported) and states the total epsilon at
-``delta_total`` = the sum of the runs' deltas (composition adds deltas).
+``delta`` = the smallest delta any of those runs targeted. Composing the
+events themselves (not their (epsilon, delta) pairs) gives the privacy loss of
+the whole composition, so it can be read off at any delta; the deltas do not
+have to be added up as basic composition would.
 
 Two runs never share noise (each run draws from its own key, see
 ``pipeline_lib.privacy.noise.run_seed``), which composition requires. The
@@ -35,7 +38,7 @@ class LedgerRow:
     dataset: str
     num_releases: int
     experiments: tuple[str, ...]
-    delta_total: float
+    delta: float  # the delta at which epsilon_total holds
     epsilon_total: float  # min over the accountants that support every event
     accountant: str  # which one gave epsilon_total
     max_run_epsilon: float
@@ -44,8 +47,8 @@ class LedgerRow:
 
     @property
     def meaningful(self) -> bool:
-        """delta_total < 1/N: otherwise the total guarantee is vacuous."""
-        return self.num_train is None or self.delta_total < 1.0 / self.num_train
+        """delta < 1/N: otherwise the total guarantee is vacuous."""
+        return self.num_train is None or self.delta < 1.0 / self.num_train
 
 
 def _total_epsilon(events: list, delta: float) -> tuple[float, str]:
@@ -77,15 +80,15 @@ def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
     rows = []
     for dataset, members in sorted(by_dataset.items()):
         events = [event_from_json(r["dp_event_json"]) for r in members]
-        delta_total = min(sum(float(r["spent_delta"]) for r in members), 0.999)
-        eps, accountant = _total_epsilon(events, delta_total)
+        delta = min(float(r["spent_delta"]) for r in members)
+        eps, accountant = _total_epsilon(events, delta)
         sizes = [r.get("num_train") for r in members if r.get("num_train")]
         rows.append(
             LedgerRow(
                 dataset=dataset,
                 num_releases=len(members),
                 experiments=tuple(sorted({str(r["experiment"]) for r in members})),
-                delta_total=delta_total,
+                delta=delta,
                 epsilon_total=eps,
                 accountant=accountant,
                 max_run_epsilon=max(float(r["spent_epsilon"]) for r in members),

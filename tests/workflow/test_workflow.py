@@ -202,6 +202,7 @@ def test_index_ledger_and_terminal_summary(tiny_run):
     assert int(row["num_releases"]) == 4 * 2 * 2 + 2  # tiny: methods x eps x seeds; tuned: 2
     assert float(row["max_run_epsilon"]) < float(row["epsilon_total"])
     assert float(row["epsilon_total"]) <= float(row["sum_run_epsilon"])
+    assert float(row["delta"]) == 1e-4 and row["meaningful"] == "True"  # 1e-4 < 1/600
     index = (reports / "index.md").read_text()
     assert "## Privacy ledger" in index and "fashion_mnist_tiny" in index
     assert (reports / "all_experiments.png").stat().st_size > 0
