@@ -204,9 +204,8 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
     report = work / "results" / "reports" / "tiny"
     for name in ("summary.csv", "summary.md", "accuracy_vs_epsilon.png"):
         assert (report / name).stat().st_size > 0
-    assert (
-        len(list((work / "results" / "runs" / "tiny").rglob("metrics.json"))) == counts["fit_head"]
-    )
+    # every head run of every experiment (tiny and tiny_tuned) wrote its metrics
+    assert len(list((work / "results" / "runs").rglob("metrics.json"))) == counts["fit_head"]
 
 
 def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster, slurm_run):
