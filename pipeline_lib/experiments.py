@@ -136,6 +136,16 @@ def load_experiments(path: str | os.PathLike) -> dict:
     return doc["experiments"]
 
 
+def canonical(value: Any) -> Any:
+    """``value`` with every mapping's keys sorted, recursively.
+
+    Snakemake compares rule params by their text, so a config whose keys were merely
+    reordered (e.g. rewritten by a YAML dumper) must not look like a change that reruns
+    finished jobs.
+    """
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 # ----------------------------------------------------------------------------- paths
 
 
@@ -435,7 +445,7 @@ def _expand_uncached(config: dict) -> list[dict]:
 
 @functools.lru_cache(maxsize=8)
 def _expand_cached(key: str) -> tuple[dict, ...]:
-    return tuple(_expand_uncached(json.loads(key)))
+    return tuple(_canonical_runs(_expand_uncached(json.loads(key))))
 
 
 def expand_runs(config: dict) -> list[dict]:
@@ -447,8 +457,12 @@ def expand_runs(config: dict) -> list[dict]:
     try:
         key = json.dumps({k: config.get(k) for k in keys}, sort_keys=True, default=str)
     except TypeError:
-        return _expand_uncached(config)
+        return _canonical_runs(_expand_uncached(config))
     return [copy.deepcopy(r) for r in _expand_cached(key)]
+
+
+def _canonical_runs(runs: list[dict]) -> list[dict]:
+    return [canonical(r) for r in runs]
 
 
 # ----------------------------------------------------------------------------- rule helpers
@@ -589,11 +603,13 @@ def extraction_shards(config: dict, dataset: str) -> int:
 def extraction_store_settings(config: dict, dataset: str, backbone: str) -> dict:
     """Everything a store's bytes depend on, as rule params: changing any reruns its jobs."""
     options = extraction_options(config)
-    return {
-        "extraction": {k: options[k] for k in EXTRACTION_STORE_KEYS},
-        "dataset": dict((config.get("datasets") or {}).get(dataset) or {}),
-        "backbone": (config.get("backbones") or {}).get(backbone),
-    }
+    return canonical(
+        {
+            "extraction": {k: options[k] for k in EXTRACTION_STORE_KEYS},
+            "dataset": dict((config.get("datasets") or {}).get(dataset) or {}),
+            "backbone": (config.get("backbones") or {}).get(backbone),
+        }
+    )
 
 
 def backbone_options(config: dict, backbone: str) -> dict:

@@ -289,3 +289,17 @@ def test_schema_lists_exactly_the_head_hyperparameters():
         assert keys == fields, name
         for key, spec in described[name]["properties"].items():
             assert spec.get("description") or "$ref" in spec, (name, key)
+
+
+def test_reordered_config_keys_do_not_change_rule_params():
+    """Snakemake compares params as text: a YAML dump that sorts keys must not rerun jobs."""
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"]["fm"] = {"source": "fashion_mnist", "max_train_examples": 50000}
+    cfg["experiments"]["e1"]["methods"] = {"dp_sgd": {"learning_rate": 2.0, "batch_size": 64}}
+    reordered = yaml.safe_load(yaml.safe_dump(cfg))  # sort_keys=True
+    reordered["datasets"]["fm"] = dict(reversed(list(cfg["datasets"]["fm"].items())))
+    for a, b in zip(xp.expand_runs(cfg), xp.expand_runs(reordered), strict=True):
+        assert repr(a) == repr(b)
+    assert repr(xp.extraction_store_settings(cfg, "fm", "efficientnet_lite0")) == repr(
+        xp.extraction_store_settings(reordered, "fm", "efficientnet_lite0")
+    )
