@@ -112,8 +112,7 @@ def _run_private_selection(spec, heads, train, timings) -> tuple[dict, dict]:
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
     fraction = float(spec["tuning"]["validation_fraction"])
     t = time.perf_counter()
-    fit_part = RowSubset(train, part="fit", fraction=fraction)
-    validation = RowSubset(train, part="validation", fraction=fraction)
+    fit_part, validation = RowSubset.split(train, fraction=fraction)
     timings["split"] = time.perf_counter() - t
     t = time.perf_counter()
     joint = tn.calibrate_jointly(

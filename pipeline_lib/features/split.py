@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline_lib.features.memory import ChunkedRows
 
-__all__ = ["PARTS", "RowSubset", "holdout_mask"]
+__all__ = ["PARTS", "RowSubset", "holdout_mask", "validation_mask"]
 
 PARTS = ("fit", "validation")
 _HASH_KEY = b"dp-features/validation-holdout/v1"
@@ -45,6 +45,12 @@ def holdout_mask(features: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
+def validation_mask(data, fraction: float) -> np.ndarray:
+    """Boolean (N,) over a whole store: True for rows of the validation part (one pass)."""
+    masks = [holdout_mask(feats, fraction) for feats, _ in data.iter_chunks()]
+    return np.concatenate(masks) if masks else np.zeros(0, bool)
+
+
 class RowSubset(ChunkedRows):
     """The ``part`` ("fit" or "validation") of ``data`` for a validation ``fraction``.
 
@@ -53,26 +59,30 @@ class RowSubset(ChunkedRows):
     only the source chunks that hold the requested rows.
     """
 
-    def __init__(self, data, *, part: str, fraction: float):
+    def __init__(self, data, *, part: str, fraction: float, _mask: np.ndarray | None = None):
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}, got {part!r}")
         self.data, self.part, self.fraction = data, part, float(fraction)
         self.feature_dim, self.num_classes = int(data.feature_dim), int(data.num_classes)
         self.chunk_rows = int(data.chunk_rows)
-        rows, start = [], 0
-        for feats, _ in data.iter_chunks():
-            in_validation = holdout_mask(feats, self.fraction)
-            keep = in_validation if part == "validation" else ~in_validation
-            rows.append(start + np.flatnonzero(keep))
-            start += len(feats)
-        self.rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        in_validation = validation_mask(data, self.fraction) if _mask is None else _mask
+        self.rows = np.flatnonzero(in_validation if part == "validation" else ~in_validation)
         self.num_examples = int(len(self.rows))
         if self.num_examples == 0:
             raise ValueError(
                 f"the {part} part (validation fraction {fraction}) of a store with "
-                f"{start} rows is empty; use a larger store or another fraction"
+                f"{len(in_validation)} rows is empty; use a larger store or another fraction"
             )
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def split(cls, data, *, fraction: float) -> tuple[RowSubset, RowSubset]:
+        """(fit part, validation part), hashing the store's rows once for both."""
+        mask = validation_mask(data, float(fraction))
+        return (
+            cls(data, part="fit", fraction=fraction, _mask=mask),
+            cls(data, part="validation", fraction=fraction, _mask=mask),
+        )
 
     def _source_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != c:

@@ -46,6 +46,9 @@ def test_subset_reads_exactly_its_rows_in_order_with_full_chunks():
     fit = RowSubset(data, part="fit", fraction=0.25)
     val = RowSubset(data, part="validation", fraction=0.25)
     assert fit.num_examples + val.num_examples == 1000
+    fit2, val2 = RowSubset.split(data, fraction=0.25)  # one pass for both parts
+    np.testing.assert_array_equal(fit2.rows, fit.rows)
+    np.testing.assert_array_equal(val2.rows, val.rows)
 
 
 def test_bad_arguments():
