@@ -57,13 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline_lib.heads import logistic_dp as ldp
+from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
 from pipeline_lib.privacy import accounting, noise
 
 NAME = "dp_fc"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPFeatureCovariance:
+class DPFeatureCovariance(PrivateHead):
     """Public hyperparameters of DP-FC; `calibrate` sets the last two fields."""
 
     l2_clip_norm: float = 1.0
@@ -82,7 +83,6 @@ class DPFeatureCovariance:
     num_examples: int | None = None  # the N the accounting used (Poisson batches only)
 
     name = NAME
-    private = True
     CALIBRATION_FIELDS = ("noise_multiplier", "num_examples")
 
     def __post_init__(self):
@@ -108,13 +108,6 @@ class DPFeatureCovariance:
             )
 
     # ------------------------------------------------------------------ public parameters
-
-    def hyperparameters(self) -> dict:
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in self.CALIBRATION_FIELDS
-        }
 
     @property
     def covariance_sensitivity(self) -> float:
@@ -234,11 +227,8 @@ class DPFeatureCovariance:
         and "bias" (K,), the latter with respect to b~ = b / a).
         """
         s = self._require_calibrated()
-        if self.batch_size is not None and data.num_examples != self.num_examples:
-            raise ValueError(
-                f"{NAME}: calibrated for num_examples={self.num_examples}, but the data has "
-                f"{data.num_examples}; calibrate again with num_examples={data.num_examples}"
-            )
+        if self.batch_size is not None:
+            check_calibrated_num_examples(NAME, self.num_examples, data.num_examples)
         rows = ldp.BoundedRows(
             data,
             l2_clip_norm=self.l2_clip_norm,

@@ -29,6 +29,7 @@ import math
 import dp_accounting
 import numpy as np
 
+from pipeline_lib.heads.base import PrivateHead
 from pipeline_lib.heads.stats import SuffStats
 from pipeline_lib.privacy import accounting, noise
 from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS
@@ -43,7 +44,7 @@ class NoisyStats:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPLeastSquares:
+class DPLeastSquares(PrivateHead):
     """Public hyperparameters of DP-LS; `noise_multiplier` is set by `calibrate`."""
 
     l2_clip_norm: float = 1.0
@@ -55,7 +56,6 @@ class DPLeastSquares:
     noise_multiplier: float | None = None  # s_xtx; s_xty = xty_noise_ratio * s_xtx
 
     name = "dp_ls"
-    private = True
 
     def __post_init__(self):
         if not self.l2_clip_norm > 0:
@@ -73,13 +73,6 @@ class DPLeastSquares:
             raise ValueError(f"dp_ls: accountant must be one of {accounting.ACCOUNTANTS}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ValueError(f"dp_ls: noise_multiplier must be > 0, got {self.noise_multiplier}")
-
-    def hyperparameters(self) -> dict:
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "noise_multiplier"
-        }
 
     def noise_multipliers(self) -> dict[str, float]:
         s = self._require_calibrated()

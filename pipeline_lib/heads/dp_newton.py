@@ -103,6 +103,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline_lib.heads.base import PrivateHead
 from pipeline_lib.heads.dp_ls import solve_ridge_psd
 from pipeline_lib.heads.stats import padded_chunks
 from pipeline_lib.privacy import accounting, noise
@@ -224,7 +225,7 @@ def accumulate_gram_chunk(gram, label_sums, xa, labels, *, num_classes):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPNewton:
+class DPNewton(PrivateHead):
     """Public hyperparameters of DP-Newton; `noise_multiplier` (s_g) is set by `calibrate`."""
 
     l2_clip_norm: float = 1.0
@@ -246,7 +247,6 @@ class DPNewton:
     noise_multiplier: float | None = None  # s_g; s_h = hessian_noise_ratio * s_g
 
     name = "dp_newton"
-    private = True
 
     def __post_init__(self):
         def need(ok: bool, key: str, rule: str):
@@ -289,13 +289,6 @@ class DPNewton:
             need(self.noise_multiplier > 0, "noise_multiplier", "must be > 0")
 
     # --- privacy -------------------------------------------------------------------------
-
-    def hyperparameters(self) -> dict:
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "noise_multiplier"
-        }
 
     def noise_multipliers(self) -> dict[str, float]:
         s = self._require_calibrated()

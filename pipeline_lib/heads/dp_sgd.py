@@ -46,13 +46,14 @@ import numpy as np
 import optax
 
 from pipeline_lib.heads import logistic_dp as ldp
+from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
 from pipeline_lib.privacy import accounting
 
 NAME = "dp_sgd"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPSGDLogistic:
+class DPSGDLogistic(PrivateHead):
     """Public hyperparameters of DP-SGD; `calibrate` sets the last two fields."""
 
     l2_clip_norm: float = 1.0
@@ -70,7 +71,6 @@ class DPSGDLogistic:
     num_examples: int | None = None  # the N the accounting used; set by calibrate
 
     name = NAME
-    private = True
     CALIBRATION_FIELDS = ("noise_multiplier", "num_examples")
 
     def __post_init__(self):
@@ -93,13 +93,6 @@ class DPSGDLogistic:
             self._check_num_examples(self.num_examples)
 
     # ------------------------------------------------------------------ public parameters
-
-    def hyperparameters(self) -> dict:
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if f.name not in self.CALIBRATION_FIELDS
-        }
 
     def _check_num_examples(self, n) -> int:
         if not (isinstance(n, int | np.integer) and n > 0):
@@ -176,11 +169,7 @@ class DPSGDLogistic:
         tests use it to check the noise actually added.
         """
         s, n = self._require_calibrated()
-        if data.num_examples != n:
-            raise ValueError(
-                f"{NAME}: calibrated for num_examples={n}, but the data has "
-                f"{data.num_examples}; calibrate again with num_examples={data.num_examples}"
-            )
+        check_calibrated_num_examples(NAME, n, data.num_examples)
         rows = ldp.BoundedRows(
             data,
             l2_clip_norm=self.l2_clip_norm,
