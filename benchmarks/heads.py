@@ -21,6 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
+
 SIZES = {
     "tiny": dict(num_examples=20_000, feature_dim=256, num_classes=10),
     "default": dict(num_examples=60_000, feature_dim=1280, num_classes=10),
@@ -82,7 +86,7 @@ def run_one(method: str, train: str, test: str, hyper: dict, epsilon: float, del
         head = head.calibrate(epsilon=epsilon, delta=delta, **kwargs)
         timings["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
-    params = head.fit(data, seed=0)
+    params = head.fit(data, key=rk(0))
     timings["fit"] = time.perf_counter() - t
     t = time.perf_counter()
     acc = accuracy(

@@ -45,7 +45,13 @@ SCHEMA_PATH = (
 )
 MAX_CANDIDATES = 64
 SELECTIONS = ("private", "public")
-EXPERIMENT_DEFAULTS = {"accountant": "pld", "methods": {}, "baselines": {}, "tuning": None}
+EXPERIMENT_DEFAULTS = {
+    "accountant": "pld",
+    "methods": {},
+    "baselines": {},
+    "tuning": None,
+    "noise": {"mode": "secret"},
+}
 TUNING_DEFAULTS = {"validation_fraction": 0.1, "public_dataset": None}
 
 
@@ -282,6 +288,22 @@ def _tuning(exp: dict, where: str, datasets: dict) -> dict | None:
     return tuning
 
 
+def _noise(exp: dict, where: str) -> dict:
+    """The experiment's noise setting, normalised: {mode: secret} or {mode: reproducible, seed}."""
+    cfg = exp.get("noise") or {}
+    mode = cfg.get("mode", "secret")
+    if mode == "secret":
+        if "seed" in cfg:
+            raise ConfigError(
+                f"{where}: noise.seed is only used with noise.mode 'reproducible'; in mode "
+                "'secret' the key comes from the OS's randomness (remove noise.seed)"
+            )
+        return {"mode": "secret"}
+    if mode == "reproducible":
+        return {"mode": "reproducible", "seed": int(cfg.get("seed", 0))}
+    raise ConfigError(f"{where}: noise.mode={mode!r}; allowed: ['secret', 'reproducible']")
+
+
 def _expand_uncached(config: dict) -> list[dict]:
     experiments = config.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
@@ -342,6 +364,7 @@ def _expand_uncached(config: dict) -> list[dict]:
         if len(set(budget_name(e) for e in epsilons)) != len(epsilons):
             raise ConfigError(f"{where}: epsilons={epsilons} has duplicates")
         tuning = _tuning(exp, where, datasets)
+        noise_cfg = _noise(exp, where)
         methods, baselines = exp["methods"] or {}, exp["baselines"] or {}
         if not methods and not baselines:
             raise ConfigError(f"{where}: needs at least one entry under 'methods' or 'baselines'")
@@ -434,6 +457,7 @@ def _expand_uncached(config: dict) -> list[dict]:
                                 hyperparameters=cands[0]["hyperparameters"],
                                 candidates=cands,
                                 tuning=copy.deepcopy(run_tuning),
+                                noise=dict(noise_cfg) if private else None,
                                 part=part_name(fraction),
                                 uses_stats=method in STATS_HEADS,
                                 transform=cands[0]["transform"],

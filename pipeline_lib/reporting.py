@@ -65,6 +65,39 @@ SUMMARY_MD = "summary.md"
 ACCURACY_PNG = "accuracy_vs_epsilon.png"
 
 
+# What every report states about the guarantee (summary.md, index.md; the HTML report's
+# front page says the same in workflow/report/workflow.rst).
+PRIVACY_SCOPE = (
+    "**What the guarantee covers.** Each DP row is (ε, δ)-differentially private under "
+    "add-or-remove-one example, as computed by dp_accounting for the noise actually "
+    "added, for the released head weights (head.npz) and, for tuned rows, the noisy "
+    "validation scores. The noise of every job comes from a secret 64-bit key drawn "
+    "from the operating system's cryptographic randomness and never written anywhere; "
+    "a rerun of a job is a new release, which composes with the old one if both are "
+    "published.",
+    "**Treated as public** (the usual convention; under add-or-remove-one they differ "
+    "between neighbours): the exact training-set size N, the validation size of tuned "
+    "runs, and the sampling rate q = B/N.",
+    "**Not covered.** Test-set accuracies (evaluated on the test split, not privately); "
+    "the non-private baselines, which are computed from the same private training split, "
+    "so publishing them is outside every guarantee (drop them with `baselines: {}` for "
+    "a release-ready report); the choice of hyperparameters of rows whose ε does not "
+    "cover tuning; and the pre-trained backbone, which saw only public data.",
+    "**Not protected against.** Floating-point and timing side channels of the Gaussian "
+    "and Bernoulli samplers (Mironov, CCS 2012; Jin et al., IEEE S&P 2022).",
+)
+REPRODUCIBLE_WARNING = (
+    "**Rows marked 'NOT DP: reproducible noise' are NOT differentially private**: their "
+    "noise can be regenerated from the config (noise mode 'reproducible', for tests and "
+    "debugging). They are kept apart from the DP rows and left out of the privacy ledger."
+)
+
+
+def is_reproducible(run: Mapping[str, Any]) -> bool:
+    """A DP-method run whose noise anyone can regenerate (noise mode 'reproducible')."""
+    return bool(run.get("private")) and (run.get("noise") or {}).get("mode") == "reproducible"
+
+
 class MetricsError(ValueError):
     """A metrics file is unreadable or inconsistent. The message names the file."""
 
@@ -210,20 +243,26 @@ class SummaryRow:
     setting: str = ""  # "dataset/backbone/<size>px" (empty for runs that do not say)
     covers_tuning: bool | None = None  # True: target epsilon covers hyperparameter selection
     median_per_run_epsilon: float | None = None  # tuned runs: the selected candidate alone
+    reproducible_noise: bool = False  # True: NOT differentially private (noise regenerable)
 
     @property
     def display_method(self) -> str:
-        """The method, marked when its epsilon covers a hyperparameter search."""
-        return f"{self.method} (tuned, ε covers tuning)" if self.covers_tuning else self.method
+        """The method, marked when its epsilon covers a hyperparameter search, and marked
+        NOT DP when its noise is reproducible."""
+        name = f"{self.method} (tuned, ε covers tuning)" if self.covers_tuning else self.method
+        return f"{name} [NOT DP: reproducible noise]" if self.reproducible_noise else name
 
     @property
     def privacy_label(self) -> str:
         """The row's privacy in words: 'non-private', or '(ε, δ) = (1, 1e-05), pld'."""
         if not self.private:
             return "non-private"
-        return (
+        budget = (
             f"(ε, δ) = ({_fmt(self.target_epsilon)}, {_fmt(self.target_delta)}), {self.accountant}"
         )
+        if self.reproducible_noise:
+            return f"NOT DP: reproducible noise (calibrated for {budget})"
+        return budget
 
 
 def run_setting(run: Mapping[str, Any]) -> str:
@@ -244,12 +283,14 @@ def _group_key(run: Mapping[str, Any]) -> tuple:
         run["accountant"],
         run_setting(run),
         run.get("epsilon_covers_tuning"),
+        is_reproducible(run),
     )
 
 
 def _sort_key(row: SummaryRow) -> tuple:
     inf = math.inf
     return (
+        row.reproducible_noise,  # NOT-DP rows after every DP row and baseline
         row.method,
         bool(row.covers_tuning),
         inf if row.target_epsilon is None else row.target_epsilon,
@@ -278,7 +319,7 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
     rows = []
     for key, members in groups.items():
         experiment, method, private, target_epsilon, target_delta, accountant = key[:6]
-        setting, covers_tuning = key[6:]
+        setting, covers_tuning, reproducible = key[6:]
         relations = {run.get("neighboring_relation") for run in members}
         if private and len(relations) > 1:
             files = ", ".join(str(run.get("metrics_path", "?")) for run in members)
@@ -325,6 +366,7 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                 noise_multipliers=multipliers,
                 setting=setting,
                 covers_tuning=covers_tuning,
+                reproducible_noise=reproducible,
                 median_per_run_epsilon=(
                     statistics.median(
                         float(run.get("per_run_epsilon") or run["spent_epsilon"]) for run in members
@@ -382,6 +424,7 @@ def _csv_columns(rows: Sequence[SummaryRow]) -> list[str]:
         "setting",
         "covers_tuning",
         "median_per_run_epsilon",
+        "reproducible_noise",
         *(f"noise_multiplier_{name}" for name in names),
     ]
 
@@ -437,6 +480,7 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
     lines = []
     if title:
         lines += [f"# {title}", ""]
+    lines += [*_scope_lines(rows), "## Results", ""]
     lines += [
         _settings_sentence(rows),
         'Rows marked "non-private" are baselines without any privacy guarantee.',
@@ -456,6 +500,8 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
     for row in rows:
         if row.private:
             privacy = f"({_fmt(row.target_epsilon)}, {_fmt(row.target_delta)})"
+            if row.reproducible_noise:
+                privacy = f"NOT DP (reproducible noise; calibrated for {privacy})"
             spent = _fmt(row.median_spent_epsilon)
             accountant = row.accountant or ""
             per_run = f"{row.median_per_run_epsilon:.4g}" if row.median_per_run_epsilon else "—"
@@ -471,6 +517,15 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
             f"| {row.n_seeds} | {multipliers} |"
         )
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _scope_lines(rows: Sequence[SummaryRow]) -> list[str]:
+    """The privacy statement every Markdown report opens with."""
+    lines = ["## What the privacy guarantee covers", ""]
+    lines += [f"- {text}" for text in PRIVACY_SCOPE]
+    if any(row.reproducible_noise for row in rows):
+        lines += ["", REPRODUCIBLE_WARNING]
+    return [*lines, ""]
 
 
 def write_summary_md(
@@ -638,6 +693,7 @@ RUN_COLUMNS = (
     "epsilon_covers_tuning",
     "target_delta",
     "accountant",
+    "noise_mode",
     "tuning_selection",
     "selected_candidate",
     "num_candidates",
@@ -652,6 +708,7 @@ def _run_row(run: Mapping[str, Any]) -> dict[str, Any]:
     row = {key: run.get(key) for key in RUN_COLUMNS}
     row.update(
         private="true" if run["private"] else "false",
+        noise_mode=(run.get("noise") or {}).get("mode"),
         tuning_selection=tuning.get("selection"),
         selected_candidate=tuning.get("selected"),
         num_candidates=tuning.get("num_candidates", 1 if run["private"] else None),
@@ -695,13 +752,32 @@ LEDGER_NOTE = (
     "tables hold for one released head alone. Datasets are grouped by config key: "
     "keys that name the same data (e.g. a subset) must be added up by the reader."
 )
+LEDGER_OUTSIDE = (
+    "**Outside this total:** the non-private baselines and every test-set accuracy. The "
+    "baselines are computed from the same private training split and their accuracies "
+    "are published in these reports, so they are outside any guarantee; drop them "
+    "(`baselines: {}` in the experiment) for a release-ready report. Runs with "
+    "reproducible noise are NOT differentially private and are not composed here."
+)
+
+
+def _ledger_extra(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the ledger leaves out, counted: baselines and reproducible-noise runs."""
+    baselines = sum(1 for r in runs if not r["private"])
+    reproducible = sum(1 for r in runs if is_reproducible(r))
+    lines = [LEDGER_OUTSIDE, ""]
+    lines.append(
+        f"Published here and outside the total: {baselines} non-private baseline run(s)"
+        + (f", {reproducible} run(s) with reproducible noise (NOT DP)." if reproducible else ".")
+    )
+    return lines
 
 
 def best_per_epsilon(rows: Sequence[SummaryRow]) -> dict[tuple[str, str], list[SummaryRow]]:
     """(experiment, setting) -> the best DP row (median accuracy) at each target ε."""
     best: dict[tuple[str, str, float], SummaryRow] = {}
     for row in rows:
-        if not row.private:
+        if not row.private or row.reproducible_noise:
             continue
         key = (row.experiment, row.setting, row.target_epsilon)
         if key not in best or row.median_test_accuracy > best[key].median_test_accuracy:
@@ -776,6 +852,7 @@ def build_index(
         "Accuracy is test accuracy (median over seeds). Every DP number is (ε, δ)-DP under "
         "add-or-remove-one; non-private rows carry no guarantee.",
         "",
+        *_scope_lines(rows),
         "## Best DP method per ε",
         "",
     ]
@@ -799,14 +876,16 @@ def build_index(
                 f"| — | — | {row.method} (non-private) | {_pct(row.median_test_accuracy)} | — |"
             )
         lines += ["", f"Full table: reports/{experiment}/summary.md", ""]
-    lines += ["## Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger), ""]
+    extra = _ledger_extra(runs)
+    lines += ["## Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger), "", *extra, ""]
 
     outs["index"].parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(_atomic(path)) for kind, path in outs.items()}
         tmp["index"].write_text("\n".join(lines) + "\n", encoding="utf-8")
         tmp["ledger_md"].write_text(
-            "\n".join(["# Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger)]) + "\n",
+            "\n".join(["# Privacy ledger", "", LEDGER_NOTE, "", *_ledger_md(ledger), "", *extra])
+            + "\n",
             encoding="utf-8",
         )
         with open(tmp["ledger_csv"], "w", newline="", encoding="utf-8") as f:

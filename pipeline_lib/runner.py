@@ -21,6 +21,11 @@ from pipeline_lib.privacy import accounting, noise
 from pipeline_lib.privacy.events import event_to_json
 
 COVERED = "the released head weights (head.npz), computed from the training split"
+NONPRIVATE_STATEMENT = (
+    "NON-PRIVATE baseline: no differential privacy guarantee. It is computed from the same "
+    "private training split as the DP runs, and publishing its accuracy is outside every "
+    "guarantee this project states."
+)
 COVERED_TUNED = (
     "the released head weights (head.npz) and the noisy validation scores of every "
     "candidate, all computed from the training split"
@@ -33,8 +38,11 @@ def _atomic_write_bytes(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _fit(head, method: str, data, stats_file: str | None, seed: int) -> dict:
-    """Fit on streamed ``data`` or, for statistics heads, on the cached statistics."""
+def _fit(head, method: str, data, stats_file: str | None, **fit_kw) -> dict:
+    """Fit on streamed ``data`` or, for statistics heads, on the cached statistics.
+
+    ``fit_kw`` is ``key=<NoiseKey>`` for a private head, ``seed=<int>`` for a baseline.
+    """
     if method in STATS_HEADS:
         if stats_file is None:
             raise ValueError(f"{method} needs cached statistics, but no stats file was given")
@@ -44,31 +52,68 @@ def _fit(head, method: str, data, stats_file: str | None, seed: int) -> dict:
                 f"{stats_file}: computed on {stats.num_examples} examples, but the training "
                 f"data has {data.num_examples}; delete the stale statistics file"
             )
-        return head.fit(stats, seed=seed)
-    return head.fit(data, seed=seed)
+        return head.fit(stats, **fit_kw)
+    return head.fit(data, **fit_kw)
 
 
-def _noise_seed(spec: dict, *extra: object) -> int:
-    """A distinct noise seed per run (and per candidate), so no two releases share noise."""
-    return noise.run_seed(
-        spec["experiment"],
-        spec["dataset"],
-        spec["backbone"],
-        spec["image_size"],
-        spec["method"],
-        spec["budget"],
-        spec["seed"],
-        *extra,
-    )
+def run_identity(spec: dict) -> tuple:
+    """The run's public identity (all of it is in its path and metrics.json)."""
+    keys = ("experiment", "dataset", "backbone", "image_size", "method", "budget", "seed")
+    return tuple(spec[k] for k in keys)
+
+
+def noise_key(spec: dict) -> noise.NoiseKey:
+    """The run's base noise key: fresh OS randomness unless the experiment asks for
+    ``noise: {mode: reproducible}`` (tests only; its outputs say they are not private).
+
+    Called once per job: a rerun of the same run is a new release with new noise.
+    """
+    return noise.key_for_run(spec.get("noise"), run_identity(spec))
+
+
+def noise_record(spec: dict) -> dict:
+    """What metrics.json says about the noise's randomness (never the key itself)."""
+    cfg = dict(spec.get("noise") or {"mode": "secret"})
+    if cfg.get("mode", "secret") == "secret":
+        return {
+            "mode": "secret",
+            "base_key": "64 bits from the OS's cryptographic randomness, drawn when the job "
+            "ran and never written anywhere; a rerun draws new noise (a new release)",
+        }
+    return {
+        "mode": "reproducible",
+        "seed": int(cfg.get("seed", 0)),
+        "notice": noise.NOT_PRIVATE_NOTICE,
+    }
 
 
 def _bounds(head) -> dict:
     return dict(l2_clip_norm=head.l2_clip_norm, transform=head.feature_transform)
 
 
-def _private_record(head, spec: dict, *, spent: float, event, covered: str, tuning) -> dict:
+def _public_quantities(head, *, num_train: int, num_fit: int | None = None, num_val=None):
+    """Data-dependent sizes the guarantee treats as public (stated in the metrics)."""
+    n = num_fit if num_fit is not None else num_train
+    q = None
+    if getattr(head, "num_examples", None) is not None and hasattr(head, "sampling_prob"):
+        q = float(head.sampling_prob(head.num_examples))
+        q = None if q >= 1.0 else q
+    return {
+        "num_train": int(num_train),
+        "num_train_fit": int(n) if num_fit is not None else None,
+        "num_validation": int(num_val) if num_val is not None else None,
+        "sampling_prob": q,
+    }
+
+
+def _private_record(
+    head, spec: dict, *, spent: float, event, covered: str, tuning, public: dict
+) -> dict:
     delta = float(spec["delta"])
+    reproducible = noise_record(spec)["mode"] == "reproducible"
     return dict(
+        differentially_private=not reproducible,
+        public_quantities=public,
         target_epsilon=float(spec["epsilon"]),
         target_delta=delta,
         spent_epsilon=spent,
@@ -85,11 +130,13 @@ def _private_record(head, spec: dict, *, spent: float, event, covered: str, tuni
             accountant=head.accountant,
             covered=covered,
             tuning=tuning,
+            public=public,
+            reproducible=reproducible,
         ),
     )
 
 
-def _run_untuned(spec, head, train, timings) -> tuple[dict, dict]:
+def _run_untuned(spec, head, train, timings, key: noise.NoiseKey) -> tuple[dict, dict]:
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
     accounting.check_budget(eps, delta, train.num_examples)
     t = time.perf_counter()
@@ -99,16 +146,19 @@ def _run_untuned(spec, head, train, timings) -> tuple[dict, dict]:
     spent = accounting.epsilon_of(event, delta, head.accountant)
     if spent > eps:
         raise AssertionError(f"spent epsilon {spent} exceeds target {eps}")
-    record = _private_record(head, spec, spent=spent, event=event, covered=COVERED, tuning=None)
+    public = _public_quantities(head, num_train=train.num_examples)
+    record = _private_record(
+        head, spec, spent=spent, event=event, covered=COVERED, tuning=None, public=public
+    )
     record.update(per_run_epsilon=spent, epsilon_covers_tuning=False, tuning=None)
     t = time.perf_counter()
     stats_file = spec["candidates"][0].get("stats_file")
-    params = _fit(head, spec["method"], train, stats_file, _noise_seed(spec))
+    params = _fit(head, spec["method"], train, stats_file, key=key)
     timings["fit"] = time.perf_counter() - t
     return record, {"params": params, "head": head}
 
 
-def _run_private_selection(spec, heads, train, timings) -> tuple[dict, dict]:
+def _run_private_selection(spec, heads, train, timings, key: noise.NoiseKey):
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
     fraction = float(spec["tuning"]["validation_fraction"])
     t = time.perf_counter()
@@ -128,13 +178,13 @@ def _run_private_selection(spec, heads, train, timings) -> tuple[dict, dict]:
     t = time.perf_counter()
     fitted, correct = [], []
     for g, (head, cand) in enumerate(zip(joint.heads, spec["candidates"], strict=True)):
-        params = _fit(head, spec["method"], fit_part, cand["stats_file"], _noise_seed(spec, g))
+        params = _fit(head, spec["method"], fit_part, cand["stats_file"], key=key.child("cand", g))
         fitted.append(params)
         correct.append(num_correct(validation, params["weights"], params["bias"], **_bounds(head)))
     selected, noisy = tn.noisy_selection(
         correct,
         noise_multiplier=joint.selection_noise_multiplier,
-        seed=_noise_seed(spec, "selection"),
+        key=key.child("selection"),
     )
     timings["fit"] = time.perf_counter() - t
     n_val = validation.num_examples
@@ -150,6 +200,12 @@ def _run_private_selection(spec, heads, train, timings) -> tuple[dict, dict]:
         event=joint.event,
         covered=COVERED_TUNED,
         tuning=how,
+        public=_public_quantities(
+            joint.heads[selected],
+            num_train=train.num_examples,
+            num_fit=fit_part.num_examples,
+            num_val=n_val,
+        ),
     )
     record.update(
         per_run_epsilon=joint.candidate_epsilons[selected],
@@ -177,7 +233,7 @@ def _run_private_selection(spec, heads, train, timings) -> tuple[dict, dict]:
     return record, {"params": fitted[selected], "head": joint.heads[selected]}
 
 
-def _run_public_selection(spec, heads, train, public_train, public_test, timings):
+def _run_public_selection(spec, heads, train, public_train, public_test, timings, key):
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
     accounting.check_budget(eps, delta, train.num_examples)
     t = time.perf_counter()
@@ -186,8 +242,9 @@ def _run_public_selection(spec, heads, train, public_train, public_test, timings
         h = tn.calibrate_alone(
             head, epsilon=eps, delta=delta, num_examples=public_train.num_examples
         )
-        seed = _noise_seed(spec, "public", g)
-        params = _fit(h, spec["method"], public_train, cand.get("public_stats_file"), seed)
+        params = _fit(
+            h, spec["method"], public_train, cand.get("public_stats_file"), key=key.child("pub", g)
+        )
         scores.append(accuracy(public_test, params["weights"], params["bias"], **_bounds(h)))
     selected = int(np.argmax(scores))
     timings["tune_public"] = time.perf_counter() - t
@@ -198,6 +255,7 @@ def _run_public_selection(spec, heads, train, public_train, public_test, timings
         heads[selected],
         train,
         timings,
+        key,
     )
     how = (
         f"selection among {len(heads)} candidates trained and compared on the public "
@@ -210,6 +268,8 @@ def _run_public_selection(spec, heads, train, public_train, public_test, timings
         accountant=out["head"].accountant,
         covered=COVERED,
         tuning=how,
+        public=record["public_quantities"],
+        reproducible=not record["differentially_private"],
     )
     record.update(
         epsilon_covers_tuning=True,
@@ -272,7 +332,8 @@ def run_head(
         t = time.perf_counter()
         head = heads[0]
         stats_file = spec["candidates"][0].get("stats_file")
-        out = {"params": _fit(head, method, train, stats_file, int(spec["seed"])), "head": head}
+        params = _fit(head, method, train, stats_file, seed=int(spec["seed"]))
+        out = {"params": params, "head": head}
         timings["fit"] = time.perf_counter() - t
         record.update(
             target_epsilon=None,
@@ -285,19 +346,26 @@ def run_head(
             neighboring_relation=None,
             noise_multipliers={},
             tuning=None,
-            privacy_statement="NON-PRIVATE baseline: no differential privacy guarantee.",
+            differentially_private=False,
+            noise=None,
+            privacy_statement=NONPRIVATE_STATEMENT,
         )
     elif tuning is None or len(heads) == 1:
-        private, out = _run_untuned(spec, heads[0], train, timings)
+        record["noise"] = noise_record(spec)
+        private, out = _run_untuned(spec, heads[0], train, timings, noise_key(spec))
         record.update(private)
     elif tuning["selection"] == "private":
-        private, out = _run_private_selection(spec, heads, train, timings)
+        record["noise"] = noise_record(spec)
+        private, out = _run_private_selection(spec, heads, train, timings, noise_key(spec))
         record.update(private)
     else:
         if public_train_store is None or public_test_store is None:
             raise ValueError(f"{where}: public selection needs the public dataset's stores")
         pub_train, pub_test = FeatureStore(public_train_store), FeatureStore(public_test_store)
-        private, out = _run_public_selection(spec, heads, train, pub_train, pub_test, timings)
+        record["noise"] = noise_record(spec)
+        private, out = _run_public_selection(
+            spec, heads, train, pub_train, pub_test, timings, noise_key(spec)
+        )
         record.update(private)
     head, params = out["head"], out["params"]
     record["hyperparameters"] = head.hyperparameters()

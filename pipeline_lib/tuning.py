@@ -106,11 +106,14 @@ def calibrate_jointly(
 
 
 def noisy_selection(
-    correct: list[int], *, noise_multiplier: float, seed: int
+    correct: list[int], *, noise_multiplier: float, key: noise.NoiseKey
 ) -> tuple[int, np.ndarray]:
-    """(argmax index, noisy counts): Gaussian noise of std noise_multiplier * sqrt(G)."""
+    """(argmax index, noisy counts): Gaussian noise of std noise_multiplier * sqrt(G).
+
+    Only the noisy counts and the argmax are released; the exact counts never leave.
+    """
     counts = np.asarray(correct, np.float64)
     std = noise_multiplier * math.sqrt(len(counts))
-    draw = noise.gaussian(seed, "tuning/validation_scores", (len(counts),), std)
+    draw = noise.gaussian(key, "tuning/validation_scores", (len(counts),), std)
     noisy = counts + np.asarray(draw, np.float64)
     return int(np.argmax(noisy)), noisy

@@ -10,7 +10,7 @@ Releases
 --------
 * ``covariance`` (once): A = sum_i x~_i x~_i^T + E, E a (d+1) x (d+1) matrix
   of iid N(0, (s_cov (C^2 + a^2))^2) entries, drawn with the key
-  (seed, "dp_fc/covariance"). Sensitivity: one example changes the sum by
+  (key, "dp_fc/covariance"). Sensitivity: one example changes the sum by
   x~ x~^T, whose Frobenius norm is ||x~||^2 <= C^2 + a^2. (Its d x d block is
   X^T X as in DP-LS; the extra row and column, sum_i x_i and a N, give the
   bias direction its own curvature without dividing by the private N.)
@@ -23,7 +23,7 @@ Releases
   the sum over the batch of per-example softmax cross-entropy gradients with
   respect to W~, each clipped to norm G = ``l2_grad_clip`` (closed form, see
   `logistic_dp`), and Z_t has iid N(0, (s_grad G)^2) entries, the column of
-  class k drawn with the key (seed, "dp_fc/gradient", k, t). Sensitivity: G.
+  class k drawn with the key (key, "dp_fc/gradient", k, t). Sensitivity: G.
   The batch is the whole training set by default (one pass per step), or an
   exact Poisson sample with q = batch_size / N when ``batch_size`` is set.
 
@@ -205,10 +205,10 @@ class DPFeatureCovariance(PrivateHead):
             gram += np.asarray(_augmented_gram(xb, mb, float(self.bias_scale)), np.float64)
         return gram
 
-    def release_covariance(self, gram: np.ndarray, *, seed: int) -> np.ndarray:
+    def release_covariance(self, gram: np.ndarray, *, key: noise.NoiseKey) -> np.ndarray:
         """The covariance release: gram + E, symmetrised (see the module docstring)."""
         std = self._require_calibrated() * self.covariance_sensitivity
-        e = np.asarray(noise.gaussian(seed, f"{NAME}/covariance", gram.shape, std), np.float64)
+        e = np.asarray(noise.gaussian(key, f"{NAME}/covariance", gram.shape, std), np.float64)
         return gram + (e + e.T) / 2.0
 
     def preconditioner(self, noisy_gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +219,9 @@ class DPFeatureCovariance(PrivateHead):
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, data, *, seed: int, on_step: Callable | None = None) -> dict[str, np.ndarray]:
+    def fit(
+        self, data, *, key: noise.NoiseKey, on_step: Callable | None = None
+    ) -> dict[str, np.ndarray]:
         """Train on `data` (FeatureStore or InMemoryFeatures); returns weights (d, K), bias (K,).
 
         `on_step(step, clean, noisy)`, if given, sees each step's clipped
@@ -237,13 +239,13 @@ class DPFeatureCovariance(PrivateHead):
         )
         d, k = rows.feature_dim, rows.num_classes
         evecs, inv = self.preconditioner(
-            self.release_covariance(self.augmented_gram(rows), seed=seed)
+            self.release_covariance(self.augmented_gram(rows), key=key)
         )
         evecs, inv = jnp.asarray(evecs, jnp.float32), jnp.asarray(inv, jnp.float32)
         q = self.sampling_prob(self.num_examples)
         params = {"weights": jnp.zeros((d, k), jnp.float32), "bias": jnp.zeros(k, jnp.float32)}
-        noise_keys = ldp.KeyStream(seed, f"{NAME}/gradient")
-        sampler = ldp.KeyStream(seed, f"{NAME}/poisson")
+        noise_keys = ldp.KeyStream(key, f"{NAME}/gradient")
+        sampler = ldp.KeyStream(key, f"{NAME}/poisson")
         sub_rows = ldp.sub_batch_rows(self.batch_size) if self.batch_size else 0
         update = partial(
             _preconditioned_update,

@@ -114,21 +114,21 @@ class DPLeastSquares(PrivateHead):
             feature_dim
         )
 
-    def release(self, stats: SuffStats, *, seed: int) -> NoisyStats:
+    def release(self, stats: SuffStats, *, key: noise.NoiseKey) -> NoisyStats:
         """The two noisy releases. Each draw has its own key (release, class)."""
         self._check_stats(stats)
         c = self.l2_clip_norm
         m = self.noise_multipliers()
         d, k = stats.feature_dim, stats.num_classes
-        e = np.asarray(noise.gaussian(seed, "dp_ls/xtx", (d, d), m["xtx"] * c**2), np.float64)
+        e = np.asarray(noise.gaussian(key, "dp_ls/xtx", (d, d), m["xtx"] * c**2), np.float64)
         xtx = stats.xtx + (e + e.T) / 2.0
-        f = noise.gaussian_per_class(seed, "dp_ls/xty", k, d, m["xty"] * c)
+        f = noise.gaussian_per_class(key, "dp_ls/xty", k, d, m["xty"] * c)
         xty = stats.xty + np.asarray(f, np.float64).T
         return NoisyStats(xtx=xtx, xty=xty)
 
-    def fit(self, stats: SuffStats, *, seed: int) -> dict[str, np.ndarray]:
+    def fit(self, stats: SuffStats, *, key: noise.NoiseKey) -> dict[str, np.ndarray]:
         """Release, then post-process into weights (d, K) and a zero bias."""
-        noisy = self.release(stats, seed=seed)
+        noisy = self.release(stats, key=key)
         weights = solve_ridge_psd(noisy.xtx, noisy.xty, self.ridge(stats.feature_dim))
         return {
             "weights": weights.astype(np.float32),

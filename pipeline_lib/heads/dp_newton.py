@@ -36,12 +36,12 @@ each release exactly once.
   (d+1) x K matrix; column k is the gradient of head k's logistic loss. One
   example adds x~ r^T, Frobenius norm ||x~|| ||r|| <= R B. Noise: iid
   N(0, (s_g R B)^2) per entry; column k is drawn with key
-  (seed, "dp_newton/gradient", class k, step t).
+  (key, "dp_newton/gradient", class k, step t).
 * ``hessian`` H_k = sum_i a_ik x~_i x~_i^T for all K classes. One example
   adds a_k x~ x~^T to every H_k; the Frobenius norm of all K additions
   together is ||x~||^2 ||a|| <= R^2 A (= C^2 sqrt(K)/4 with rho_h = 1, b0 = 0:
   C^2/4 per class). Noise: iid N(0, (s_h R^2 A)^2) on every entry of the full
-  (d+1) x (d+1) matrix H_k, key (seed, "dp_newton/hessian", class k, step t),
+  (d+1) x (d+1) matrix H_k, key (key, "dp_newton/hessian", class k, step t),
   then symmetrised (E + E^T)/2: post-processing that halves the off-diagonal
   variance.
 * Step 0 with ``shared_first_step`` (default). At W_0 = 0 every p_k = 1/2
@@ -50,9 +50,9 @@ each release exactly once.
   X~^T 1 = sum_k (X~^T Y)_k (one-hot rows sum to 1). Step 0 therefore
   releases only ``gram`` X~^T X~ (one example adds x~ x~^T, Frobenius norm
   ||x~||^2 <= R^2; noise N(0, (s_h R^2)^2) per entry, one draw with key
-  (seed, "dp_newton/gram", 0, 0), symmetrised) and ``label_sums`` X~^T Y (one
+  (key, "dp_newton/gram", 0, 0), symmetrised) and ``label_sums`` X~^T Y (one
   example adds x~ e_y^T, norm ||x~|| <= R; noise N(0, (s_g R)^2), column k
-  with key (seed, "dp_newton/label_sums", class k, 0)), a sqrt(K)-fold (or
+  with key (key, "dp_newton/label_sums", class k, 0)), a sqrt(K)-fold (or
   more) smaller sensitivity than the per-class releases, and one
   eigendecomposition instead of K. (This makes step 0 a DP-LS solve onto the
   targets 4 (Y - 1/2); it is still the exact Newton step from zero, not a
@@ -385,7 +385,7 @@ class DPNewton(PrivateHead):
         *,
         class_index: int,
         step: int,
-        seed: int,
+        key: noise.NoiseKey,
         num_classes: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Noisy (gradient, symmetrised Hessian) of one class at one step, float64.
@@ -395,10 +395,10 @@ class DPNewton(PrivateHead):
         sd = self.noise_stddevs(num_classes)
         dim = gradient.shape[0]
         e = noise.gaussian(
-            seed, GRADIENT_RELEASE, (dim,), sd["gradient"], index=class_index, step=step
+            key, GRADIENT_RELEASE, (dim,), sd["gradient"], index=class_index, step=step
         )
         f = noise.gaussian(
-            seed, HESSIAN_RELEASE, (dim, dim), sd["hessian"], index=class_index, step=step
+            key, HESSIAN_RELEASE, (dim, dim), sd["hessian"], index=class_index, step=step
         )
         f = np.asarray(f, np.float64)
         noisy_g = np.asarray(gradient, np.float64) + np.asarray(e, np.float64)
@@ -406,7 +406,7 @@ class DPNewton(PrivateHead):
         return noisy_g, noisy_h
 
     def release_first_step(
-        self, gram: np.ndarray, label_sums: np.ndarray, *, seed: int
+        self, gram: np.ndarray, label_sums: np.ndarray, *, key: noise.NoiseKey
     ) -> tuple[np.ndarray, np.ndarray]:
         """Noisy (symmetrised X~^T X~, X~^T Y) for the shared first step, float64.
 
@@ -415,15 +415,15 @@ class DPNewton(PrivateHead):
         """
         dim, k = label_sums.shape
         sd = self.noise_stddevs(k)
-        e = np.asarray(noise.gaussian(seed, GRAM_RELEASE, (dim, dim), sd["gram"]), np.float64)
-        f = noise.gaussian_per_class(seed, LABEL_SUMS_RELEASE, k, dim, sd["label_sums"])
+        e = np.asarray(noise.gaussian(key, GRAM_RELEASE, (dim, dim), sd["gram"]), np.float64)
+        f = noise.gaussian_per_class(key, LABEL_SUMS_RELEASE, k, dim, sd["label_sums"])
         noisy_gram = np.asarray(gram, np.float64) + (e + e.T) / 2.0
         noisy_sums = np.asarray(label_sums, np.float64) + np.asarray(f, np.float64).T
         return noisy_gram, noisy_sums
 
     # --- fitting -------------------------------------------------------------------------
 
-    def fit(self, data, *, seed: int) -> dict[str, np.ndarray]:
+    def fit(self, data, *, key: noise.NoiseKey) -> dict[str, np.ndarray]:
         """T noisy Newton steps from zero; weights (d, K) and bias (K,), float32."""
         self._require_calibrated()
         d, k = int(data.feature_dim), int(data.num_classes)
@@ -440,7 +440,7 @@ class DPNewton(PrivateHead):
         first = 0
         if self.shared_first_step:
             gram, label_sums = self.exact_first_step_statistics(source, d_aug, data.num_examples, k)
-            gram, label_sums = self.release_first_step(gram, label_sums, seed=seed)
+            gram, label_sums = self.release_first_step(gram, label_sums, key=key)
             # At W = 0: every Hessian weight is 1/4 and the residual is 1/2 - Y.
             grads = 0.5 * label_sums.sum(axis=1, keepdims=True) - label_sums
             lam = self.damping(d, k, first_step=True)
@@ -459,7 +459,7 @@ class DPNewton(PrivateHead):
                         np.asarray(hess[j]),
                         class_index=int(c),
                         step=t,
-                        seed=seed,
+                        key=key,
                         num_classes=k,
                     )
                     g, h = g / c_r, h / c_h  # undo the public uniform clip at W = 0

@@ -6,14 +6,14 @@ L2 norm <= C, enforced by `bound_rows` exactly as at test time):
 * T = ceil(epochs * N / batch_size) steps. At step t every example joins the
   batch independently with probability q = batch_size / N (exact Poisson
   sampling, one Bernoulli draw per example per step from the key
-  (seed, "dp_sgd/poisson", chunk, t); see `logistic_dp`). Batches are ragged
+  (key, "dp_sgd/poisson", chunk, t); see `logistic_dp`). Batches are ragged
   and may be empty.
 * Release at step t: S_t + Z_t, where S_t is the sum over the batch of the
   per-example gradients of the softmax cross-entropy with respect to (W, b),
   each clipped to L2 norm G = ``l2_grad_clip`` (W and b together, closed
   form, see `logistic_dp`), and Z_t has iid N(0, (s G)^2) entries; the noise
   for class k (column k of W and entry k of b) is drawn with its own key
-  (seed, "dp_sgd/gradient", k, t). Sensitivity: adding or removing one
+  (key, "dp_sgd/gradient", k, t). Sensitivity: adding or removing one
   example changes S_t by that example's clipped gradient, norm <= G.
   An empty batch releases Z_t alone and still takes a step.
 * Everything else is post-processing: the noisy sum is divided by the PUBLIC
@@ -47,7 +47,7 @@ import optax
 
 from pipeline_lib.heads import logistic_dp as ldp
 from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
-from pipeline_lib.privacy import accounting
+from pipeline_lib.privacy import accounting, noise
 
 NAME = "dp_sgd"
 
@@ -161,7 +161,9 @@ class DPSGDLogistic(PrivateHead):
             return optax.adam(lr)
         return optax.sgd(lr, momentum=self.momentum or None)
 
-    def fit(self, data, *, seed: int, on_step: Callable | None = None) -> dict[str, np.ndarray]:
+    def fit(
+        self, data, *, key: noise.NoiseKey, on_step: Callable | None = None
+    ) -> dict[str, np.ndarray]:
         """Train on `data` (FeatureStore or InMemoryFeatures); returns weights (d, K), bias (K,).
 
         `on_step(step, clean, noisy)`, if given, sees each step's clipped
@@ -182,8 +184,8 @@ class DPSGDLogistic(PrivateHead):
         params = {"weights": jnp.zeros((d, k), jnp.float32), "bias": jnp.zeros(k, jnp.float32)}
         opt = self.make_optimizer(steps)
         state = opt.init(params)
-        sampler = ldp.KeyStream(seed, f"{NAME}/poisson")
-        noise_keys = ldp.KeyStream(seed, f"{NAME}/gradient")
+        sampler = ldp.KeyStream(key, f"{NAME}/poisson")
+        noise_keys = ldp.KeyStream(key, f"{NAME}/gradient")
         uncalibrated = dataclasses.replace(self, noise_multiplier=None, num_examples=None)
         update = partial(
             _update_fn(uncalibrated, steps), noise_std=jnp.float32(s * self.l2_grad_clip)
@@ -195,7 +197,7 @@ class DPSGDLogistic(PrivateHead):
             params, state, noisy = update(params, state, gw, gb, noise_keys.base, t)
             if on_step is not None:
                 on_step(t, {"weights": gw, "bias": gb}, noisy)
-        return {key: np.asarray(v, np.float32) for key, v in params.items()}
+        return {name: np.asarray(v, np.float32) for name, v in params.items()}
 
 
 @functools.lru_cache(maxsize=16)

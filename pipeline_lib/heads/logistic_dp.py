@@ -28,27 +28,26 @@ features in memory, when N * d * 4 bytes <= ``max_in_memory_bytes``, or
 streams the store chunk by chunk on every pass (memory O(chunk d + d K)).
 
 Poisson sampling is exact: at step t, row j of chunk c is in the batch iff
-u < q' for u ~ U[0, 1) drawn with the key fold_in(seed, release, index=c,
+u < q' for u ~ U[0, 1) drawn with the key fold_in(key, release, index=c,
 step=t) (the `noise.release_key` layout), at position j; q' is q rounded down
 to the 2^-23 grid of float32 uniforms, so P(in batch) = q' <= q exactly and
 accounting with q is conservative. Every example gets an independent
-Bernoulli draw at every step, reproducible from (seed, step) (for a fixed
+Bernoulli draw at every step, determined by (key, step) (for a fixed
 chunk_rows), and the cached and streamed paths select exactly the same rows.
 An empty batch is allowed: its gradient sum is zero and the noise is still
 added. The sampling is data-independent (keys only), as the analysis requires.
 
 Noise keys
 ----------
-`KeyStream` derives keys exactly as `noise.release_key(seed, release,
+`KeyStream` derives keys exactly as `noise.release_key(key, release,
 index=, step=)` but inside jit, so that a per-class, per-step draw costs one
 dispatch instead of 4 K. Gradient noise for class k at step t is drawn with
-key (seed, release, k, t): never shared across classes or steps.
+key (key, release, k, t): never shared across classes or steps.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Iterator
 from functools import partial
 
@@ -102,11 +101,10 @@ _clipped_grad_sum_jit = jax.jit(clipped_grad_sum, static_argnames=("l2_grad_clip
 
 
 class KeyStream:
-    """Keys equal to `noise.release_key(seed, release, index=, step=)`, derived inside jit."""
+    """Keys equal to `noise.release_key(key, release, index=, step=)`, derived inside jit."""
 
-    def __init__(self, seed: int, release: str):
-        key = noise.seed_key(seed)
-        self.base = jax.random.fold_in(key, zlib.crc32(release.encode()) & 0x7FFFFFFF)
+    def __init__(self, key: noise.NoiseKey, release: str):
+        self.base = noise.release_base(key, release)
         self.release = release
 
     @staticmethod

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from pipeline_lib.privacy.noise import NOT_PRIVATE_NOTICE
+
 NEIGHBORING_RELATION = "add_or_remove_one"
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -145,6 +147,36 @@ def gaussian_equivalent_multiplier(noise_multipliers: list[float]) -> float:
     return sum(s**-2.0 for s in noise_multipliers) ** -0.5
 
 
+NOT_PROTECTED = (
+    "Not protected against: floating-point and timing side channels of sampling "
+    "(Gaussian noise and Poisson masks are drawn with standard floating-point "
+    "samplers, which leak through the low-order bits and timing; Mironov, CCS 2012; "
+    "Jin et al., IEEE S&P 2022), as Opacus and Google's DP library document for theirs."
+)
+
+
+def public_quantities_text(public: dict | None) -> str:
+    """The sentence that lists what the guarantee treats as public, with its values."""
+    names = {
+        "num_train": "the exact training-set size N",
+        "num_train_fit": "the size of the part the candidates were trained on",
+        "num_validation": "the validation size",
+        "sampling_prob": "the sampling rate q = B/N",
+    }
+    parts = [
+        f"{names[k]} ({public[k]:.6g})"
+        if isinstance(public[k], float)
+        else f"{names[k]} ({public[k]})"
+        for k in names
+        if public and public.get(k) is not None
+    ]
+    listed = "; ".join(parts) if parts else "the exact training-set size N"
+    return (
+        f"Treated as public, by the usual convention (under add-or-remove-one they differ "
+        f"between neighbours): {listed}."
+    )
+
+
 def privacy_statement(
     *,
     method: str,
@@ -153,11 +185,16 @@ def privacy_statement(
     accountant: str,
     covered: str,
     tuning: str | None = None,
+    public: dict | None = None,
+    reproducible: bool = False,
 ) -> str:
     """A plain-language statement of the guarantee, written into every metrics file.
 
     ``tuning`` says how the hyperparameters were chosen when the epsilon covers that
     choice; None means they were fixed in the config in advance (not covered).
+    ``public`` holds the data-dependent sizes treated as public (N, validation size,
+    q). ``reproducible`` marks a run whose noise anyone can regenerate: it is then
+    stated first and plainly that the run is NOT differentially private.
     """
     if tuning is None:
         tuning_text = (
@@ -166,10 +203,13 @@ def privacy_statement(
         )
     else:
         tuning_text = f"Hyperparameter selection IS covered ({tuning}). Not covered: "
+    prefix = f"{NOT_PRIVATE_NOTICE} (noise mode 'reproducible'). " if reproducible else ""
+    claim = "would satisfy" if reproducible else "satisfies"
     return (
-        f"{method} satisfies ({epsilon:.6g}, {delta:.3g})-differential privacy under the "
+        f"{prefix}{method} {claim} ({epsilon:.6g}, {delta:.3g})-differential privacy under the "
         f"add-or-remove-one-example neighbouring relation, as computed by the dp_accounting "
-        f"{accountant.upper()} accountant for the noise actually added. Covered: {covered}. "
+        f"{accountant.upper()} accountant for the noise actually added, drawn from a secret "
+        f"key. Covered: {covered}. "
         f"{tuning_text}the non-private test-set evaluation, and the pre-trained backbone, "
-        "which saw only public data."
+        f"which saw only public data. {public_quantities_text(public)} {NOT_PROTECTED}"
     )

@@ -11,8 +11,8 @@ events themselves (not their (epsilon, delta) pairs) gives the privacy loss of
 the whole composition, so it can be read off at any delta; the deltas do not
 have to be added up as basic composition would.
 
-Two runs never share noise (each run draws from its own key, see
-``pipeline_lib.privacy.noise.run_seed``), which composition requires. The
+Two runs never share noise (every job draws a fresh secret base key, see
+``pipeline_lib.privacy.noise.NoiseKey``), which composition requires. The
 ledger groups by dataset key: two keys naming the same underlying data (for
 example a subset) are distinct keys here, and their totals must be added by
 the reader; the report says so.
@@ -69,7 +69,11 @@ def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
     """One row per dataset with private runs; runs are loaded metrics.json dicts."""
     by_dataset: dict[str, list[Mapping[str, Any]]] = {}
     for run in runs:
-        if run.get("private"):
+        # A run with reproducible noise is NOT DP (its noise can be regenerated from the
+        # config): no accountant can bound what it leaks, so it is kept out of every total
+        # and the reports list it apart.
+        reproducible = (run.get("noise") or {}).get("mode") == "reproducible"
+        if run.get("private") and not reproducible:
             if "dp_event_json" not in run:
                 where = run.get("metrics_path", "a run")
                 raise ValueError(

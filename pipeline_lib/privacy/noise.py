@@ -1,64 +1,168 @@
-"""Gaussian noise with one PRNG key per (run seed, release, class, step).
+"""Noise keys: one secret base key per job, one derived key per (release, class, step).
 
+Threat model. An attacker holds every file this project publishes (everything
+under ``results/``: metrics.json, head.npz, the run's path, the reports, the
+logs) and this code. If the noise of a release could be recomputed from any
+of that, the release would be a deterministic function of the data and its
+(epsilon, delta) claim void. So the base of every key is **secret**:
+
+* `NoiseKey.secret()` draws 64 bits from the operating system's CSPRNG
+  (`secrets.token_bytes`), filling the whole state of a threefry2x32 key (two
+  32-bit words). Nothing about it depends on the config, the run's identity or
+  the clock, and it is never written anywhere: `repr`/`str` show no key
+  material, pickling is refused, and the runner keeps it in memory only.
+* A rerun of a job therefore draws new noise: it is a *new* release, and if
+  both are published they compose (the ledger composes what is published).
+
+Derivation below the base key is public and deterministic, which is what makes
+independence testable: the key of one draw is
+
+    base  <- fold(crc32(release name)) <- fold(class index) <- fold(step)
+
+folded outside any traced function (or inside jit with explicit indices, see
+`KeyStream`), so two draws never share a key unless all coordinates agree.
 The public reference implementation read a single key inside a vmapped
-function and so added the *same* noise to every class, and (after the first
-trace) at every step. Here each draw's key is derived by folding the release
-name, the class index and the step into the run's key, outside any traced
-function, so two draws never share a key unless all four coordinates agree.
+function and so added the *same* noise to every class and every step.
+
+Sub-jobs (tuning candidates, the noisy selection) get child keys by
+`NoiseKey.child(label)`: a keyed BLAKE2b of the label under the parent's 64
+secret bits, so children are as unpredictable as the parent.
+
+Reproducible mode (`NoiseKey.reproducible(seed, *identity)`) derives the base
+from a public seed and the run's identity instead. It exists for tests and
+debugging only; anything made with it is NOT differentially private (the
+noise can be regenerated from the config), and the runner labels every output
+of such a run so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-MAX_SEED = 2**63 - 1
+NOT_PRIVATE_NOTICE = "NOT differentially private: the noise can be regenerated from the config"
+MODES = ("secret", "reproducible")
 
 
-def seed_key(seed: int) -> jax.Array:
-    """The run's base key. Seeds are ints in [0, 2**63): ``jax.random.key`` alone
-    silently keeps only the low 32 bits without x64, so the high bits are folded in
-    separately (seeds below 2**32 give exactly ``jax.random.key(seed)``)."""
-    seed = int(seed)
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"noise seed must be in [0, 2**63), got {seed}")
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    if seed >> 32:
-        key = jax.random.fold_in(key, seed >> 32)
+class NoiseKey:
+    """The base of all noise of one job: 64 bits, secret unless made `reproducible`."""
+
+    __slots__ = ("_words", "_reproducible")
+
+    def __init__(self, words: tuple[int, int], *, reproducible: bool):
+        hi, lo = (int(w) for w in words)
+        if not (0 <= hi < 2**32 and 0 <= lo < 2**32):
+            raise ValueError("a NoiseKey is two 32-bit words")
+        self._words = (hi, lo)
+        self._reproducible = bool(reproducible)
+
+    @classmethod
+    def secret(cls) -> NoiseKey:
+        """64 fresh bits from the OS's cryptographic randomness (the default for DP runs)."""
+        return cls._from_bytes(secrets.token_bytes(8), reproducible=False)
+
+    @classmethod
+    def reproducible(cls, seed: int, *identity: object) -> NoiseKey:
+        """A key anyone can recompute from (seed, identity): for tests only, NOT private."""
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise TypeError(f"reproducible noise needs an integer seed, got {seed!r}")
+        text = "\x1f".join(str(p) for p in (int(seed), *identity)).encode()
+        digest = hashlib.blake2b(text, digest_size=8, person=b"dpf-noise-repro").digest()
+        return cls._from_bytes(digest, reproducible=True)
+
+    @classmethod
+    def _from_bytes(cls, raw: bytes, *, reproducible: bool) -> NoiseKey:
+        return cls(
+            (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:8], "little")),
+            reproducible=reproducible,
+        )
+
+    @property
+    def is_reproducible(self) -> bool:
+        """True when anyone holding the config can regenerate this key's noise."""
+        return self._reproducible
+
+    def child(self, *labels: object) -> NoiseKey:
+        """An independent key for a sub-job (a tuning candidate, the selection, ...)."""
+        secret = b"".join(w.to_bytes(4, "little") for w in self._words)
+        text = "\x1f".join(str(p) for p in labels).encode()
+        digest = hashlib.blake2b(
+            text, digest_size=8, key=secret, person=b"dpf-noise-child"
+        ).digest()
+        return NoiseKey._from_bytes(digest, reproducible=self._reproducible)
+
+    def jax_key(self) -> jax.Array:
+        """The base as a typed threefry2x32 JAX key (all 64 bits used)."""
+        data = np.asarray(self._words, dtype=np.uint32)
+        return jax.random.wrap_key_data(data, impl="threefry2x32")
+
+    def __repr__(self) -> str:  # never show key material (logs, tracebacks)
+        return "NoiseKey(reproducible)" if self._reproducible else "NoiseKey(<secret>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a NoiseKey is never pickled or written out")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoiseKey) and self._words == other._words
+
+    def __hash__(self) -> int:
+        return hash(self._words)
+
+
+def require_key(key: object) -> NoiseKey:
+    """`key` itself, or a TypeError that says how to make one (no silent int seeds)."""
+    if not isinstance(key, NoiseKey):
+        raise TypeError(
+            f"noise needs a NoiseKey, got {type(key).__name__}: use NoiseKey.secret() "
+            "(or NoiseKey.reproducible(seed) in tests, which is NOT private)"
+        )
     return key
 
 
-def run_seed(*parts: object) -> int:
-    """A 63-bit noise seed from a run's identity (experiment, dataset, ..., seed, candidate).
-
-    Every release of every run then draws from its own key: two runs that differ
-    only in epsilon never reuse one standard-normal draw at two scales (which
-    would let anyone subtract the noise), so composing them in the ledger is valid.
-    """
-    text = "\x1f".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+def release_base(key: NoiseKey, release: str) -> jax.Array:
+    """The key of one named release: base <- crc32(release)."""
+    base = require_key(key).jax_key()
+    return jax.random.fold_in(base, zlib.crc32(release.encode()) & 0x7FFFFFFF)
 
 
-def release_key(seed: int, release: str, *, index: int = 0, step: int = 0) -> jax.Array:
-    """The key for one noise draw: seed_key(seed) <- crc32(release) <- index <- step."""
-    key = seed_key(seed)
-    key = jax.random.fold_in(key, zlib.crc32(release.encode()) & 0x7FFFFFFF)
-    key = jax.random.fold_in(key, int(index))
-    return jax.random.fold_in(key, int(step))
+def release_key(key: NoiseKey, release: str, *, index: int = 0, step: int = 0) -> jax.Array:
+    """The key for one noise draw: base <- crc32(release) <- index <- step."""
+    k = release_base(key, release)
+    k = jax.random.fold_in(k, int(index))
+    return jax.random.fold_in(k, int(step))
 
 
-def gaussian(seed: int, release: str, shape, stddev: float, *, index: int = 0, step: int = 0):
-    """N(0, stddev^2) noise of `shape` (float64 numpy-compatible jax array)."""
-    key = release_key(seed, release, index=index, step=step)
-    return stddev * jax.random.normal(key, shape, jnp.float32)
+def gaussian(key: NoiseKey, release: str, shape, stddev: float, *, index: int = 0, step: int = 0):
+    """N(0, stddev^2) noise of `shape` (float32 jax array)."""
+    k = release_key(key, release, index=index, step=step)
+    return stddev * jax.random.normal(k, shape, jnp.float32)
 
 
 def gaussian_per_class(
-    seed: int, release: str, num_classes: int, dim: int, stddev: float, *, step: int = 0
+    key: NoiseKey, release: str, num_classes: int, dim: int, stddev: float, *, step: int = 0
 ):
     """(num_classes, dim) noise whose row k is drawn with its own key (class index k)."""
-    keys = jnp.stack([release_key(seed, release, index=k, step=step) for k in range(num_classes)])
+    keys = jnp.stack([release_key(key, release, index=k, step=step) for k in range(num_classes)])
     return stddev * jax.vmap(lambda k: jax.random.normal(k, (dim,), jnp.float32))(keys)
+
+
+def key_for_run(noise_config: dict | None, identity: tuple) -> NoiseKey:
+    """The base key of one run from its experiment's ``noise`` setting.
+
+    ``{mode: secret}`` (the default): fresh OS randomness, `identity` unused.
+    ``{mode: reproducible, seed: s}``: derived from (s, identity), NOT private.
+    """
+    cfg = dict(noise_config or {"mode": "secret"})
+    mode = cfg.get("mode", "secret")
+    if mode == "secret":
+        return NoiseKey.secret()
+    if mode == "reproducible":
+        return NoiseKey.reproducible(int(cfg.get("seed", 0)), *identity)
+    raise ValueError(f"noise mode {mode!r} is unknown; use one of {list(MODES)}")

@@ -17,6 +17,9 @@ from pipeline_lib.heads import logistic_dp as ldp
 from pipeline_lib.heads.dp_fc import DPFeatureCovariance
 from pipeline_lib.privacy import accounting
 from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 
 def _data(n=600, d=6, k=3, seed=0, chunk_rows=128):
@@ -73,13 +76,13 @@ def test_feature_bounding_is_what_enforces_the_gram_sensitivity():
 def test_covariance_release_noise_has_the_stated_scale_and_is_symmetric():
     d = 80
     head = DPFeatureCovariance(l2_clip_norm=2.0, bias_scale=1.0, noise_multiplier=0.7)
-    e = head.release_covariance(np.zeros((d + 1, d + 1)), seed=3)
+    e = head.release_covariance(np.zeros((d + 1, d + 1)), key=rk(3))
     sigma = 0.7 * (4.0 + 1.0)
     np.testing.assert_array_equal(e, e.T)
     off = e[~np.eye(d + 1, dtype=bool)]
     assert np.std(np.diag(e)) == pytest.approx(sigma, rel=0.3)
     assert np.std(off) == pytest.approx(sigma / np.sqrt(2), rel=0.05)
-    assert not np.allclose(head.release_covariance(np.zeros((d + 1, d + 1)), seed=4), e)
+    assert not np.allclose(head.release_covariance(np.zeros((d + 1, d + 1)), key=rk(4)), e)
 
 
 def test_preconditioner_projects_to_psd_and_adds_the_public_ridge():
@@ -143,7 +146,7 @@ def test_gradient_noise_is_independent_across_classes_and_steps():
         zb = np.asarray(noisy["bias"] - clean["bias"])
         noises.append(np.vstack([zw, zb[None]]).T)  # (K, d + 1)
 
-    head.fit(data, seed=0, on_step=on_step)
+    head.fit(data, key=rk(0), on_step=on_step)
     z = np.stack(noises)
     assert z.shape == (20, 4, 301)
     np.testing.assert_allclose(z.std(), head.noise_multipliers()["gradient"] * 0.5, rtol=0.02)
@@ -165,7 +168,7 @@ def test_vanishing_noise_is_preconditioned_gradient_descent_on_the_logistic_loss
         bias_scale=0.5,
         noise_multiplier=1e-9,
     )
-    got = head.fit(data, seed=0)
+    got = head.fit(data, key=rk(0))
     x = bound_rows(data.features, 1.0, "normalize")
     xa = jnp.concatenate([x, jnp.full((300, 1), 0.5)], axis=1)
     precond = jnp.linalg.inv(xa.T @ xa + 2.0 * jnp.eye(7))
@@ -186,11 +189,11 @@ def test_vanishing_noise_is_preconditioned_gradient_descent_on_the_logistic_loss
 def test_converges_to_the_noiseless_head_as_epsilon_grows():
     data = _data(n=1000)
     base = DPFeatureCovariance(ridge_lambda=1.0)
-    exact = dataclasses.replace(base, noise_multiplier=1e-9).fit(data, seed=0)["weights"]
+    exact = dataclasses.replace(base, noise_multiplier=1e-9).fit(data, key=rk(0))["weights"]
     errors = []
     for eps in (0.3, 3.0, 30.0):
         head = base.calibrate(epsilon=eps, delta=1e-5)
-        errs = [np.linalg.norm(head.fit(data, seed=s)["weights"] - exact) for s in (0, 1)]
+        errs = [np.linalg.norm(head.fit(data, key=rk(s))["weights"] - exact) for s in (0, 1)]
         errors.append(np.median(errs))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.25 * np.linalg.norm(exact)
@@ -202,17 +205,17 @@ def test_streamed_fit_equals_cached_fit_full_batch_and_poisson():
         DPFeatureCovariance(noise_multiplier=1.0),
         DPFeatureCovariance(noise_multiplier=1.0, batch_size=100, num_examples=500),
     ):
-        cached = head.fit(data, seed=1)
-        streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, seed=1)
+        cached = head.fit(data, key=rk(1))
+        streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, key=rk(1))
         np.testing.assert_allclose(cached["weights"], streamed["weights"], rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(cached["bias"], streamed["bias"], rtol=1e-3, atol=1e-4)
-        assert not np.allclose(head.fit(data, seed=2)["weights"], cached["weights"])
+        assert not np.allclose(head.fit(data, key=rk(2))["weights"], cached["weights"])
 
 
 def test_poisson_fit_refuses_data_of_another_size():
     head = DPFeatureCovariance(batch_size=50).calibrate(epsilon=1.0, delta=1e-5, num_examples=601)
     with pytest.raises(ValueError, match="calibrated for num_examples=601"):
-        head.fit(_data(), seed=0)
+        head.fit(_data(), key=rk(0))
 
 
 @pytest.mark.parametrize(
@@ -237,6 +240,6 @@ def test_bad_hyperparameters(params, match):
 
 def test_uncalibrated_head_refuses_to_fit():
     with pytest.raises(ValueError, match="not calibrated"):
-        DPFeatureCovariance().fit(_data(), seed=0)
+        DPFeatureCovariance().fit(_data(), key=rk(0))
     hp = DPFeatureCovariance().hyperparameters()
     assert "noise_multiplier" not in hp and "num_examples" not in hp

@@ -5,6 +5,9 @@ from pipeline_lib.heads import make_head
 from pipeline_lib.heads.dp_ls import DPLeastSquares, solve_ridge_psd
 from pipeline_lib.heads.nonprivate import NonPrivateRidge
 from pipeline_lib.heads.stats import SuffStats
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 
 def _stats(n=500, d=6, k=3, seed=0, transform="normalize"):
@@ -31,7 +34,7 @@ def _stats(n=500, d=6, k=3, seed=0, transform="normalize"):
 def test_vanishing_noise_equals_nonprivate_ridge():
     stats, _, _ = _stats()
     head = DPLeastSquares(ridge_lambda=1.0, noise_multiplier=1e-9)  # epsilon ~ 1e9
-    private = head.fit(stats, seed=0)["weights"]
+    private = head.fit(stats, key=rk(0))["weights"]
     exact = NonPrivateRidge(ridge_lambda=1.0).fit(stats)["weights"]
     np.testing.assert_allclose(private, exact, atol=1e-6)
 
@@ -42,7 +45,7 @@ def test_converges_to_nonprivate_ridge_as_epsilon_grows():
     errors = []
     for eps in (0.5, 4.0, 20.0):
         head = DPLeastSquares(ridge_lambda=1.0).calibrate(epsilon=eps, delta=1e-5)
-        errs = [np.linalg.norm(head.fit(stats, seed=s)["weights"] - exact) for s in range(3)]
+        errs = [np.linalg.norm(head.fit(stats, key=rk(s))["weights"] - exact) for s in range(3)]
         errors.append(np.median(errs))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.2 * np.linalg.norm(exact)
@@ -75,7 +78,7 @@ def test_release_noise_has_the_stated_scale_and_is_independent():
         epsilon=1.0, delta=1e-5
     )
     s = head.noise_multiplier
-    noisy = head.release(zero, seed=3)
+    noisy = head.release(zero, key=rk(3))
     e = noisy.xtx
     np.testing.assert_array_equal(e, e.T)
     off = e[~np.eye(d, dtype=bool)]
@@ -88,14 +91,14 @@ def test_release_noise_has_the_stated_scale_and_is_independent():
     assert np.max(np.abs(corr[~np.eye(k, dtype=bool)])) < 0.5  # shared noise would be 1.0
     assert len({tuple(np.round(col, 8)) for col in f.T}) == k
     # another seed, other noise
-    assert not np.allclose(head.release(zero, seed=4).xty, f)
+    assert not np.allclose(head.release(zero, key=rk(4)).xty, f)
 
 
 def test_stats_config_mismatch_is_an_error():
     stats, _, _ = _stats(transform="clip")
     head = DPLeastSquares().calibrate(epsilon=1.0, delta=1e-5)
     with pytest.raises(ValueError, match="statistics were computed with"):
-        head.fit(stats, seed=0)
+        head.fit(stats, key=rk(0))
 
 
 def test_noise_lowers_accuracy_monotonically_on_average():
@@ -103,7 +106,9 @@ def test_noise_lowers_accuracy_monotonically_on_average():
     accs = []
     for eps in (0.05, 1000.0):
         head = DPLeastSquares().calibrate(epsilon=eps, delta=1e-5)
-        a = [np.mean(np.argmax(x @ head.fit(stats, seed=s)["weights"], 1) == y) for s in range(3)]
+        a = [
+            np.mean(np.argmax(x @ head.fit(stats, key=rk(s))["weights"], 1) == y) for s in range(3)
+        ]
         accs.append(np.median(a))
     assert accs[1] > 0.95 and accs[0] < accs[1]
 

@@ -15,6 +15,9 @@ from pipeline_lib.features.memory import InMemoryFeatures
 from pipeline_lib.heads import dp_newton
 from pipeline_lib.heads.dp_newton import DPNewton, hessian_class_block_size
 from pipeline_lib.privacy import accounting
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 K, D = 4, 5
 
@@ -221,14 +224,14 @@ def _capture_noise(monkeypatch, head, data, seed=0):
     """Run a real fit and record the noise actually added, by (release, class, step)."""
     draws = {}
 
-    def spy(self, gradient, hessian, *, class_index, step, seed, num_classes):
+    def spy(self, gradient, hessian, *, class_index, step, key, num_classes):
         g, h = _RELEASE(
             self,
             gradient,
             hessian,
             class_index=class_index,
             step=step,
-            seed=seed,
+            key=key,
             num_classes=num_classes,
         )
         for name, noisy, exact in (("gradient", g, gradient), ("hessian", h, hessian)):
@@ -236,8 +239,8 @@ def _capture_noise(monkeypatch, head, data, seed=0):
             draws[(name, class_index, step)] = noisy - np.asarray(exact, np.float64)
         return g, h
 
-    def spy_first(self, gram, label_sums, *, seed):
-        a, b = _RELEASE_FIRST(self, gram, label_sums, seed=seed)
+    def spy_first(self, gram, label_sums, *, key):
+        a, b = _RELEASE_FIRST(self, gram, label_sums, key=key)
         assert ("gram", 0, 0) not in draws
         draws[("gram", 0, 0)] = a - np.asarray(gram, np.float64)
         for c, col in enumerate((b - np.asarray(label_sums, np.float64)).T):
@@ -246,7 +249,7 @@ def _capture_noise(monkeypatch, head, data, seed=0):
 
     monkeypatch.setattr(DPNewton, "release", spy)
     monkeypatch.setattr(DPNewton, "release_first_step", spy_first)
-    head.fit(data, seed=seed)
+    head.fit(data, key=rk(seed))
     return draws
 
 
@@ -333,14 +336,14 @@ def test_blocked_fit_equals_unblocked_and_respects_the_budget(monkeypatch):
 
     monkeypatch.setattr(dp_newton, "accumulate_chunk", spy)
     common = dict(num_steps=3, noise_multiplier=0.5, bias_feature=1.0)
-    blocked = DPNewton(max_hessian_bytes=budget, **common).fit(data, seed=3)
+    blocked = DPNewton(max_hessian_bytes=budget, **common).fit(data, key=rk(3))
     blocked_shapes = list(shapes)
     assert {s[0] for s in blocked_shapes} <= {1, 2}
     assert all(math.prod(s) * 4 <= budget for s in blocked_shapes)
     # one pass per block per per-class step: 2 steps (after the shared first) x 3 blocks
     assert len(blocked_shapes) == 2 * 3 * data.num_chunks
     shapes.clear()
-    whole = DPNewton(**common).fit(data, seed=3)
+    whole = DPNewton(**common).fit(data, key=rk(3))
     assert {s[0] for s in shapes} == {k}
     np.testing.assert_allclose(blocked["weights"], whole["weights"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(blocked["bias"], whole["bias"], rtol=1e-5, atol=1e-6)
@@ -352,10 +355,10 @@ def test_streams_when_cache_exceeds_budget(monkeypatch):
     original = data.read_chunk
     monkeypatch.setattr(data, "read_chunk", lambda c: reads.append(c) or original(c))
     head = DPNewton(num_steps=2, noise_multiplier=1.0, hessian_class_block=2)
-    cached = head.fit(data, seed=0)
+    cached = head.fit(data, key=rk(0))
     assert len(reads) == data.num_chunks  # read once into the cache
     reads.clear()
-    streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, seed=0)
+    streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, key=rk(0))
     # every pass re-reads the data, each chunk once per pass: one pass for the shared
     # first step, then one per block (2) per later step (1)
     assert reads == list(range(data.num_chunks)) * (1 + 2)
@@ -405,7 +408,7 @@ def test_vanishing_noise_equals_plain_newton(shared_first_step):
         shared_first_step=shared_first_step,
         noise_multiplier=1e-9,
     )
-    out = head.fit(data, seed=0)
+    out = head.fit(data, key=rk(0))
     w = _reference_newton(x, y, 3, steps=4, lam=0.5, mu=0.1, eta=0.8, b0=0.7, rho=0.3, rho_h=0.35)
     np.testing.assert_allclose(out["weights"], w[:-1], rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(out["bias"], 0.7 * w[-1], rtol=2e-3, atol=2e-3)
@@ -423,7 +426,7 @@ def test_many_noiseless_steps_reach_the_regularised_optimum():
         hessian_clip_fraction=1.0,
         noise_multiplier=1e-9,
     )
-    out = head.fit(data, seed=0)
+    out = head.fit(data, key=rk(0))
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     xa = np.concatenate([xn, np.ones((len(y), 1))], axis=1)
     wa = np.concatenate([out["weights"], out["bias"][None]], axis=0).astype(np.float64)
@@ -435,11 +438,11 @@ def test_many_noiseless_steps_reach_the_regularised_optimum():
 
 def test_converges_to_nonprivate_as_epsilon_grows():
     data, x, y = _toy(n=1500, d=10, k=3, spread=1.5)
-    limit = DPNewton(noise_multiplier=1e-9).fit(data, seed=0)["weights"]
+    limit = DPNewton(noise_multiplier=1e-9).fit(data, key=rk(0))["weights"]
     errors = []
     for eps in (0.5, 8.0, 50.0):
         head = DPNewton().calibrate(epsilon=eps, delta=1e-5)
-        errs = [np.linalg.norm(head.fit(data, seed=s)["weights"] - limit) for s in range(3)]
+        errs = [np.linalg.norm(head.fit(data, key=rk(s))["weights"] - limit) for s in range(3)]
         errors.append(np.median(errs))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.1 * np.linalg.norm(limit)
@@ -449,7 +452,7 @@ def test_outputs_predict_with_argmax_and_no_bias_option():
     data, x, y = _toy(n=800, d=8, k=3)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     for b0 in (1.0, 0.0):
-        out = DPNewton(bias_feature=b0).calibrate(epsilon=8.0, delta=1e-5).fit(data, seed=0)
+        out = DPNewton(bias_feature=b0).calibrate(epsilon=8.0, delta=1e-5).fit(data, key=rk(0))
         assert out["weights"].shape == (8, 3) and out["weights"].dtype == np.float32
         assert out["bias"].shape == (3,) and out["bias"].dtype == np.float32
         if b0 == 0:
@@ -489,7 +492,7 @@ def test_bad_hyperparameters(params, match):
 def test_uncalibrated_head_refuses_to_fit():
     data, _, _ = _toy(n=50)
     with pytest.raises(ValueError, match="not calibrated"):
-        DPNewton().fit(data, seed=0)
+        DPNewton().fit(data, key=rk(0))
     with pytest.raises(ValueError, match="not calibrated"):
         DPNewton().dp_event()
 

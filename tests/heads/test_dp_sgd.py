@@ -13,6 +13,9 @@ from pipeline_lib.features.memory import InMemoryFeatures
 from pipeline_lib.heads.dp_sgd import DPSGDLogistic
 from pipeline_lib.privacy import accounting
 from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 
 def _data(n=600, d=6, k=3, seed=0, chunk_rows=128):
@@ -66,7 +69,7 @@ def test_calibration_needs_num_examples_and_a_sane_budget():
 def test_fit_refuses_data_of_another_size():
     head = DPSGDLogistic(batch_size=50).calibrate(epsilon=1.0, delta=1e-5, num_examples=601)
     with pytest.raises(ValueError, match="calibrated for num_examples=601"):
-        head.fit(_data(), seed=0)
+        head.fit(_data(), key=rk(0))
 
 
 def test_noise_is_independent_across_classes_and_steps_and_has_the_stated_scale():
@@ -80,7 +83,7 @@ def test_noise_is_independent_across_classes_and_steps_and_has_the_stated_scale(
         zb = np.asarray(noisy["bias"] - clean["bias"])  # (K,)
         noises.append(np.vstack([zw, zb[None]]).T)  # (K, d + 1): one row per class
 
-    head.fit(data, seed=0, on_step=on_step)
+    head.fit(data, key=rk(0), on_step=on_step)
     z = np.stack(noises)  # (T, K, d + 1)
     assert z.shape == (30, 4, 401)
     np.testing.assert_allclose(z.std(), 2.0 * 0.5, rtol=0.02)
@@ -96,7 +99,7 @@ def test_empty_batches_still_add_noise_and_take_a_step():
     data = _data(n=2000, d=3)
     head = _calibrated(2000, batch_size=1, epochs=0.01, learning_rate=0.1, momentum=0.0)
     seen = []
-    head.fit(data, seed=3, on_step=lambda t, clean, noisy: seen.append((clean, noisy)))
+    head.fit(data, key=rk(3), on_step=lambda t, clean, noisy: seen.append((clean, noisy)))
     assert len(seen) == 20  # ceil(0.01 * 2000 / 1)
     empty = [
         (c, z) for c, z in seen if not np.any(np.asarray(c["weights"])) and not np.any(c["bias"])
@@ -104,20 +107,20 @@ def test_empty_batches_still_add_noise_and_take_a_step():
     assert len(empty) >= 2  # P(empty) = (1 - 1/2000)^2000 ~ 0.37 per step
     for _, z in empty:
         assert np.all(np.asarray(z["weights"]) != 0) and np.all(np.asarray(z["bias"]) != 0)
-    w = head.fit(data, seed=3)["weights"]
+    w = head.fit(data, key=rk(3))["weights"]
     assert np.any(w != 0)
 
 
 def test_streamed_fit_equals_cached_fit_and_seeds_reproduce():
     data = _data(n=500, chunk_rows=64)
     head = _calibrated(500, batch_size=100, epochs=2)
-    cached = head.fit(data, seed=1)
-    streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, seed=1)
+    cached = head.fit(data, key=rk(1))
+    streamed = dataclasses.replace(head, max_in_memory_bytes=0).fit(data, key=rk(1))
     np.testing.assert_allclose(cached["weights"], streamed["weights"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(cached["bias"], streamed["bias"], rtol=1e-4, atol=1e-5)
-    again = head.fit(data, seed=1)
+    again = head.fit(data, key=rk(1))
     np.testing.assert_array_equal(cached["weights"], again["weights"])
-    assert not np.allclose(head.fit(data, seed=2)["weights"], cached["weights"])
+    assert not np.allclose(head.fit(data, key=rk(2))["weights"], cached["weights"])
 
 
 def test_vanishing_noise_full_batch_is_plain_gradient_descent_on_the_logistic_loss():
@@ -126,7 +129,7 @@ def test_vanishing_noise_full_batch_is_plain_gradient_descent_on_the_logistic_lo
     head = _calibrated(
         256, batch_size=256, epochs=15, noise_multiplier=1e-9, l2_grad_clip=100.0, learning_rate=0.5
     )
-    got = head.fit(data, seed=0)
+    got = head.fit(data, key=rk(0))
     x = bound_rows(data.features, 1.0, "normalize")
     y = jnp.asarray(data.labels)
 
@@ -147,12 +150,12 @@ def test_vanishing_noise_full_batch_is_plain_gradient_descent_on_the_logistic_lo
 def test_converges_to_the_noiseless_head_as_epsilon_grows():
     data = _data(n=1000)
     base = DPSGDLogistic(batch_size=200, epochs=5, learning_rate=1.0)
-    exact = dataclasses.replace(base, noise_multiplier=1e-9, num_examples=1000).fit(data, seed=0)
+    exact = dataclasses.replace(base, noise_multiplier=1e-9, num_examples=1000).fit(data, key=rk(0))
     errors = []
     for eps in (0.3, 3.0, 30.0):
         head = base.calibrate(epsilon=eps, delta=1e-5, num_examples=1000)
         errs = [
-            np.linalg.norm(head.fit(data, seed=s)["weights"] - exact["weights"]) for s in (0, 1)
+            np.linalg.norm(head.fit(data, key=rk(s))["weights"] - exact["weights"]) for s in (0, 1)
         ]
         errors.append(np.median(errs))
     assert errors[0] > errors[1] > errors[2]
@@ -187,6 +190,6 @@ def test_uncalibrated_head_refuses_to_fit_or_account():
     with pytest.raises(ValueError, match="not calibrated"):
         DPSGDLogistic().dp_event()
     with pytest.raises(ValueError, match="not calibrated"):
-        DPSGDLogistic().fit(_data(), seed=0)
+        DPSGDLogistic().fit(_data(), key=rk(0))
     assert "noise_multiplier" not in DPSGDLogistic().hyperparameters()
     assert "num_examples" not in DPSGDLogistic().hyperparameters()

@@ -27,6 +27,9 @@ from pipeline_lib.privacy.audit import (
     epsilon_from_rates,
     epsilon_lower_bound,
 )
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 DELTA = 1e-5
 
@@ -219,7 +222,7 @@ def dp_ls_mechanism(head: DPLeastSquares, *, d=3, k=2):
     attack = c * direction  # what the attacker knows the clipped canary to be
 
     def run(include_canary: bool, seed: int) -> float:
-        noisy = head.release(stats_with if include_canary else stats_without, seed=seed)
+        noisy = head.release(stats_with if include_canary else stats_without, key=rk(seed))
         return float(
             attack @ noisy.xtx @ attack / var_xtx + attack @ noisy.xty[:, canary_y] / var_xty
         )
@@ -283,9 +286,9 @@ def neighbours(x, y, direction):
 def fit_mechanism(head_without, head_with, data_without, data_with, direction):
     def run(include_canary: bool, seed: int) -> float:
         if include_canary:
-            w = head_with.fit(data_with, seed=seed)["weights"]
+            w = head_with.fit(data_with, key=rk(seed))["weights"]
         else:
-            w = head_without.fit(data_without, seed=seed)["weights"]
+            w = head_without.fit(data_without, key=rk(seed))["weights"]
         return float(direction @ (w[:, 1] - w[:, 0]))
 
     return run

@@ -7,6 +7,9 @@ import pytest
 from pipeline_lib import tuning as tn
 from pipeline_lib.heads import make_head
 from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy.noise import NoiseKey
+
+rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
 
 def test_joint_calibration_spends_the_target_and_no_more():
@@ -36,16 +39,20 @@ def test_mixed_candidates_and_sampled_events_calibrate():
 
 def test_noisy_selection_uses_its_own_key_and_stated_scale():
     counts = [100, 120, 110]
-    picks = [tn.noisy_selection(counts, noise_multiplier=1e-6, seed=s)[0] for s in range(5)]
+    picks = [tn.noisy_selection(counts, noise_multiplier=1e-6, key=rk(s))[0] for s in range(5)]
     assert picks == [1] * 5  # negligible noise: the argmax
     # std = multiplier * sqrt(G), from the key (seed, "tuning/validation_scores")
-    z = np.stack([tn.noisy_selection([0] * 3, noise_multiplier=2.0, seed=s)[1] for s in range(400)])
+    z = np.stack(
+        [tn.noisy_selection([0] * 3, noise_multiplier=2.0, key=rk(s))[1] for s in range(400)]
+    )
     assert np.std(z) == pytest.approx(2.0 * math.sqrt(3), rel=0.1)
     expected = (
-        2.0 * math.sqrt(3) * np.asarray(noise.gaussian(7, "tuning/validation_scores", (3,), 1.0))
+        2.0
+        * math.sqrt(3)
+        * np.asarray(noise.gaussian(rk(7), "tuning/validation_scores", (3,), 1.0))
     )
     np.testing.assert_allclose(
-        tn.noisy_selection([0] * 3, noise_multiplier=2.0, seed=7)[1], expected, rtol=1e-5
+        tn.noisy_selection([0] * 3, noise_multiplier=2.0, key=rk(7))[1], expected, rtol=1e-5
     )
 
 
