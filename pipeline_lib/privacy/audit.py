@@ -207,3 +207,40 @@ def audit(
     without = np.array([float(run_mechanism(False, seed0 + i)) for i in range(trials)])
     with_ = np.array([float(run_mechanism(True, seed0 + trials + i)) for i in range(trials)])
     return epsilon_lower_bound(without, with_, delta=delta, confidence=confidence)
+
+
+def regeneration_audit(
+    release: Callable[[bool, int], tuple[np.ndarray, dict]],
+    regenerate: Callable[[bool, dict], np.ndarray],
+    *,
+    trials: int,
+    delta: float,
+    confidence: float = 0.95,
+) -> AuditResult:
+    """Membership audit by an attacker who rebuilds the noise from published metadata.
+
+    The threat this tests: the attacker holds every published file and the code,
+    and knows D and the canary. ``release(include_canary, i)`` runs the real
+    mechanism once (trial i) on D or D plus the canary and returns what is
+    published: the released array and its metadata (metrics.json). The attacker
+    then calls ``regenerate(include_canary, metadata)``: the output the
+    mechanism would have given on D (or D + canary) with the noise that the
+    metadata lets one recompute. If the noise really is a function of public
+    metadata, one of the two regenerations equals the release exactly and the
+    score
+
+        ||out - regenerate(False)|| - ||out - regenerate(True)||
+
+    separates the two hypotheses perfectly (the bound reaches
+    `max_detectable_epsilon`); with a secret key it carries no information
+    beyond what the DP guarantee allows.
+    """
+
+    def score(include_canary: bool, i: int) -> float:
+        out, meta = release(include_canary, i)
+        out = np.asarray(out, np.float64)
+        away = np.linalg.norm(out - np.asarray(regenerate(False, meta), np.float64))
+        near = np.linalg.norm(out - np.asarray(regenerate(True, meta), np.float64))
+        return float(away - near)
+
+    return audit(score, trials=trials, delta=delta, confidence=confidence)
