@@ -29,6 +29,12 @@ class ReleasedHead:
         return bool(self.metadata["private"])
 
     @property
+    def differentially_private(self) -> bool:
+        """True only for a DP head whose noise came from a secret key: False for baselines
+        and for runs with reproducible noise, which are NOT differentially private."""
+        return self.private and self.metadata.get("differentially_private") is True
+
+    @property
     def epsilon(self) -> float | None:
         return self.metadata.get("spent_epsilon")
 

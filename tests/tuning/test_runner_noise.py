@@ -146,3 +146,17 @@ def test_reports_keep_reproducible_runs_apart(stores, make_config, run_method, t
         assert "0 non-private baseline run(s)" in text
         assert "outside any guarantee" in text
     assert "Not protected against" in index
+
+
+def test_released_head_says_whether_it_is_differentially_private(stores, make_config, run_method):
+    from pipeline_lib.heads.released import load_head
+
+    root, st = stores
+    _, secret = run_method(root, st, make_config(root, {"dp_ls": {}}), "dp_ls")
+    repro_cfg = make_config(root, {"dp_ls": {}}, noise=REPRO)
+    repro_cfg["experiments"] = {"r": repro_cfg["experiments"]["e"]}
+    _, repro = run_method(root, st, repro_cfg, "dp_ls")
+    assert load_head(secret["head"]).differentially_private is True
+    head = load_head(repro["head"])
+    assert head.private and head.differentially_private is False
+    assert head.metadata["privacy_statement"].startswith(noise.NOT_PRIVATE_NOTICE)

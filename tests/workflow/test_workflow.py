@@ -277,3 +277,77 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, edit, match):
     assert proc.returncode != 0
     assert re.search(match, out), out[-3000:]
     assert not (tmp_path / "results").exists()
+
+
+# --- secret noise through the workflow (kept last: they rerun jobs of tiny_run) ---------
+
+NOISE_EXPERIMENTS = {
+    "tiny_release": {  # release-ready: no non-private baselines, secret noise (the default)
+        "dataset": "fashion_mnist_tiny",
+        "backbone": "efficientnet_lite0",
+        "image_size": 32,
+        "epsilons": [1],
+        "delta": 1.0e-4,
+        "seeds": [0],
+        "methods": {"dp_ls": {}},
+        "baselines": {},
+    },
+    "tiny_repro": {  # tests/debugging only: NOT private
+        "dataset": "fashion_mnist_tiny",
+        "backbone": "efficientnet_lite0",
+        "image_size": 32,
+        "epsilons": [1],
+        "delta": 1.0e-4,
+        "seeds": [0],
+        "noise": {"mode": "reproducible", "seed": 0},
+        "methods": {"dp_ls": {}},
+        "baselines": {},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def noise_run(tiny_run):
+    exps = yaml.safe_load((HERE / "experiments.yaml").read_text())
+    exps["experiments"].update(NOISE_EXPERIMENTS)
+    edited = tiny_run / "experiments_noise.yaml"
+    edited.write_text(yaml.safe_dump(exps))
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg["experiments_file"] = str(edited)
+    (tiny_run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(tiny_run)
+    return tiny_run
+
+
+def _weights(run_dir: Path) -> np.ndarray:
+    with np.load(run_dir / "head.npz") as z:
+        return np.concatenate([z["weights"].ravel(), z["bias"].ravel()])
+
+
+def test_forced_rerun_is_a_new_release_unless_noise_is_reproducible(noise_run):
+    private = RUNS(noise_run) / "tiny_release" / SETTING / "dp_ls" / "eps1" / "seed0"
+    repro = RUNS(noise_run) / "tiny_repro" / SETTING / "dp_ls" / "eps1" / "seed0"
+    before = {p: _weights(p) for p in (private, repro)}
+    for run in (private, repro):
+        snakemake(noise_run, "-f", str((run / "metrics.json").relative_to(noise_run)))
+    assert not np.allclose(_weights(private), before[private])  # new secret key, new noise
+    np.testing.assert_array_equal(_weights(repro), before[repro])
+    meta = json.loads((repro / "metrics.json").read_text())
+    assert meta["differentially_private"] is False
+    assert meta["privacy_statement"].startswith("NOT differentially private")
+    with np.load(repro / "head.npz") as z:
+        assert "NOT differentially private" in str(z["metadata"])
+
+
+def test_reports_state_the_guarantee_and_keep_reproducible_runs_apart(noise_run):
+    reports = noise_run / "results" / "reports"
+    release_md = (reports / "tiny_release" / "summary.md").read_text()
+    assert "What the privacy guarantee covers" in release_md and "Treated as public" in release_md
+    assert "| non-private |" not in release_md  # baselines: {} drops them
+    repro_md = (reports / "tiny_repro" / "summary.md").read_text()
+    assert "NOT DP (reproducible noise" in repro_md
+    (row,) = list(csv.DictReader(open(reports / "ledger.csv")))
+    assert int(row["num_releases"]) == 4 * 2 * 2 + 2 + 1  # + tiny_release, not tiny_repro
+    index = (reports / "index.md").read_text()
+    assert "1 run(s) with reproducible noise (NOT DP)" in index
+    assert "outside any guarantee" in index and "Not protected against" in index
