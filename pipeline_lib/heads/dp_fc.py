@@ -244,8 +244,8 @@ class DPFeatureCovariance(PrivateHead):
         evecs, inv = jnp.asarray(evecs, jnp.float32), jnp.asarray(inv, jnp.float32)
         q = self.sampling_prob(self.num_examples)
         params = {"weights": jnp.zeros((d, k), jnp.float32), "bias": jnp.zeros(k, jnp.float32)}
-        noise_keys = ldp.KeyStream(key, f"{NAME}/gradient")
-        sampler = ldp.KeyStream(key, f"{NAME}/poisson")
+        noise_keys = noise.KeyStream(key, f"{NAME}/gradient")
+        sampler = noise.KeyStream(key, f"{NAME}/poisson")
         sub_rows = ldp.sub_batch_rows(self.batch_size) if self.batch_size else 0
         update = partial(
             _preconditioned_update,
@@ -277,7 +277,7 @@ def _augmented_gram(xb, mask, bias_scale):
 def _preconditioned_update(params, gw, gb, evecs, inv, noise_base, step, *, noise_std, step_size):
     """W~ <- W~ - step_size * P (S_t + Z_t), with per-class noise keys (class, step)."""
     d, k = gw.shape
-    z = noise_std * ldp.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
+    z = noise_std * noise.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
     noisy = {"weights": gw + z[:, :d].T, "bias": gb + z[:, d]}
     g = jnp.concatenate([noisy["weights"], noisy["bias"][None, :]], axis=0)
     direction = evecs @ (inv[:, None] * (evecs.T @ g))

@@ -107,9 +107,8 @@ from pipeline_lib.heads.base import PrivateHead
 from pipeline_lib.heads.dp_ls import solve_ridge_psd
 from pipeline_lib.heads.stats import padded_chunks
 from pipeline_lib.privacy import accounting, noise
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
+from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, SHRINK, bound_rows, clip_l2
 
-_SHRINK = 1.0 - 1e-6  # margin so float rounding never lets a clipped norm exceed its bound
 GRADIENT_RELEASE = "dp_newton/gradient"
 HESSIAN_RELEASE = "dp_newton/hessian"
 GRAM_RELEASE = "dp_newton/gram"
@@ -165,18 +164,14 @@ def augment_rows(x, mask, *, l2_clip_norm, transform, bias_feature):
 def clipped_residuals(logits, labels, *, num_classes, residual_bound):
     """r = sigmoid(z) - onehot(y), each row clipped to L2 norm <= residual_bound."""
     r = jax.nn.sigmoid(logits) - jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    norms = jnp.linalg.norm(r, axis=1, keepdims=True)
-    target = jnp.float32(residual_bound * _SHRINK)
-    return r * jnp.minimum(1.0, target / jnp.where(norms > 0, norms, 1.0))
+    return clip_l2(r, residual_bound)
 
 
 def hessian_weights(logits, *, hessian_weight_bound):
     """a = sigmoid'(z) = sigmoid(z) sigmoid(-z), each entry clipped to its analytic
     maximum 1/4, then each row (all K classes) clipped to L2 norm <= hessian_weight_bound."""
     a = jnp.clip(jax.nn.sigmoid(logits) * jax.nn.sigmoid(-logits), 0.0, 0.25)
-    norms = jnp.linalg.norm(a, axis=1, keepdims=True)
-    target = jnp.float32(hessian_weight_bound * _SHRINK)
-    return a * jnp.minimum(1.0, target / jnp.where(norms > 0, norms, 1.0))
+    return clip_l2(a, hessian_weight_bound)
 
 
 @partial(
@@ -363,8 +358,8 @@ class DPNewton(PrivateHead):
         clipping scales every contribution by the same public constant.
         """
         half = math.sqrt(num_classes) / 2.0
-        c_r = min(1.0, self.residual_bound(num_classes) * _SHRINK / half)
-        c_h = min(1.0, self.hessian_weight_bound(num_classes) * _SHRINK / (half / 2.0))
+        c_r = min(1.0, self.residual_bound(num_classes) * SHRINK / half)
+        c_h = min(1.0, self.hessian_weight_bound(num_classes) * SHRINK / (half / 2.0))
         return c_r, c_h
 
     def damping(self, feature_dim: int, num_classes: int, *, first_step: bool = False) -> float:

@@ -184,8 +184,8 @@ class DPSGDLogistic(PrivateHead):
         params = {"weights": jnp.zeros((d, k), jnp.float32), "bias": jnp.zeros(k, jnp.float32)}
         opt = self.make_optimizer(steps)
         state = opt.init(params)
-        sampler = ldp.KeyStream(key, f"{NAME}/poisson")
-        noise_keys = ldp.KeyStream(key, f"{NAME}/gradient")
+        sampler = noise.KeyStream(key, f"{NAME}/poisson")
+        noise_keys = noise.KeyStream(key, f"{NAME}/gradient")
         uncalibrated = dataclasses.replace(self, noise_multiplier=None, num_examples=None)
         update = partial(
             _update_fn(uncalibrated, steps), noise_std=jnp.float32(s * self.l2_grad_clip)
@@ -210,7 +210,7 @@ def _update_fn(head: DPSGDLogistic, num_steps: int):
     def update(params, state, gw, gb, noise_base, step, *, noise_std):
         """Add per-class noise to the clipped sum, divide by the public batch size, step."""
         d, k = gw.shape
-        z = noise_std * ldp.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
+        z = noise_std * noise.per_class_normal(noise_base, step, num_classes=k, dim=d + 1)
         noisy = {"weights": gw + z[:, :d].T, "bias": gb + z[:, d]}
         grads = jax.tree.map(lambda g: g / batch_size, noisy)
         updates, state = opt.update(grads, state, params)

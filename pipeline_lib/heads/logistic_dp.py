@@ -27,22 +27,17 @@ transform the runner applies to test features) and either caches the bounded
 features in memory, when N * d * 4 bytes <= ``max_in_memory_bytes``, or
 streams the store chunk by chunk on every pass (memory O(chunk d + d K)).
 
-Poisson sampling is exact: at step t, row j of chunk c is in the batch iff
-u < q' for u ~ U[0, 1) drawn with the key fold_in(key, release, index=c,
-step=t) (the `noise.release_key` layout), at position j; q' is q rounded down
-to the 2^-23 grid of float32 uniforms, so P(in batch) = q' <= q exactly and
-accounting with q is conservative. Every example gets an independent
-Bernoulli draw at every step, determined by (key, step) (for a fixed
-chunk_rows), and the cached and streamed paths select exactly the same rows.
-An empty batch is allowed: its gradient sum is zero and the noise is still
-added. The sampling is data-independent (keys only), as the analysis requires.
+Poisson sampling is the kernel's (`pipeline_lib.privacy.sampling`): one
+independent Bernoulli(q' <= q) draw per example per step from the key
+(key, release, chunk, step); the cached and streamed paths select exactly the
+same rows. An empty batch is allowed: its gradient sum is zero and the noise
+is still added.
 
 Noise keys
 ----------
-`KeyStream` derives keys exactly as `noise.release_key(key, release,
-index=, step=)` but inside jit, so that a per-class, per-step draw costs one
-dispatch instead of 4 K. Gradient noise for class k at step t is drawn with
-key (key, release, k, t): never shared across classes or steps.
+Gradient noise for class k at step t is drawn with the kernel's
+`noise.KeyStream` key (key, release, k, t) (`noise.per_class_normal`): never
+shared across classes or steps.
 """
 
 from __future__ import annotations
@@ -55,11 +50,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline_lib.privacy import noise
 from pipeline_lib.privacy.accounting import ACCOUNTANTS
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
+from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows, clip_factors
+from pipeline_lib.privacy.noise import KeyStream
+from pipeline_lib.privacy.sampling import bernoulli_threshold, poisson_masks
 
-_SHRINK = 1.0 - 1e-6  # clipped gradient norms end strictly below G, as in bound_rows
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -87,68 +82,12 @@ def clipped_grad_sum(weights, bias_param, xb, labels, mask, *, l2_grad_clip, bia
     """
     r = _residuals(weights, bias_scale * bias_param, xb, labels)
     sq = (jnp.sum(xb * xb, axis=1) + bias_scale**2) * jnp.sum(r * r, axis=1)
-    target = jnp.float32(l2_grad_clip * _SHRINK)
-    norm = jnp.sqrt(sq)
-    factor = jnp.where(norm > target, target / jnp.where(norm > 0, norm, 1.0), 1.0)
+    factor = clip_factors(jnp.sqrt(sq), l2_grad_clip)  # kernel: ||g_i|| <= G
     cr = (factor * mask)[:, None] * r
     return xb.T @ cr, bias_scale * jnp.sum(cr, axis=0)
 
 
 _clipped_grad_sum_jit = jax.jit(clipped_grad_sum, static_argnames=("l2_grad_clip", "bias_scale"))
-
-
-# --------------------------------------------------------------------------- keys and noise
-
-
-class KeyStream:
-    """Keys equal to `noise.release_key(key, release, index=, step=)`, derived inside jit."""
-
-    def __init__(self, key: noise.NoiseKey, release: str):
-        self.base = noise.release_base(key, release)
-        self.release = release
-
-    @staticmethod
-    def derive(base, index, step):
-        return jax.random.fold_in(jax.random.fold_in(base, index), step)
-
-    def key(self, index: int, step: int):
-        return _derive_jit(self.base, index, step)
-
-
-_derive_jit = jax.jit(KeyStream.derive)
-
-
-@partial(jax.jit, static_argnames=("num_classes", "dim"))
-def per_class_normal(base, step, *, num_classes: int, dim: int):
-    """(num_classes, dim) standard normals; row k drawn with key (base, index=k, step)."""
-    keys = jax.vmap(lambda k: KeyStream.derive(base, k, step))(jnp.arange(num_classes))
-    return jax.vmap(lambda kk: jax.random.normal(kk, (dim,), jnp.float32))(keys)
-
-
-_UNIFORM_GRID = 2.0**-23  # jax.random.uniform (float32) returns multiples of 2^-23 in [0, 1)
-
-
-def bernoulli_threshold(sampling_prob: float) -> jax.Array:
-    """The largest t <= q on the uniform grid: P(u < t) = t <= q exactly.
-
-    The realised sampling probability never exceeds the q in the DpEvent
-    (Poisson-subsampled epsilon grows with q, so accounting with q is
-    conservative), and it is below q by less than 2^-23.
-    """
-    return jnp.float32(math.floor(sampling_prob / _UNIFORM_GRID) * _UNIFORM_GRID)
-
-
-@partial(jax.jit, static_argnames=("chunk_rows",))
-def poisson_masks(base, chunk_ids, step, threshold, *, chunk_rows: int):
-    """(len(chunk_ids), chunk_rows) bool: row j of chunk c is sampled at this step.
-
-    `threshold` comes from `bernoulli_threshold(q)`.
-    """
-
-    def one(c):
-        return jax.random.uniform(KeyStream.derive(base, c, step), (chunk_rows,)) < threshold
-
-    return jax.vmap(one)(chunk_ids)
 
 
 # --------------------------------------------------------------------------- data access

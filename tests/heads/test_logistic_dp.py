@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 from pipeline_lib.features.memory import InMemoryFeatures
 from pipeline_lib.heads import logistic_dp as ldp
-from pipeline_lib.privacy import noise
+from pipeline_lib.privacy import noise, sampling
 from pipeline_lib.privacy.clipping import bound_rows
 from pipeline_lib.privacy.noise import NoiseKey
 
@@ -107,13 +107,13 @@ def test_without_gradient_clipping_one_example_exceeds_the_bound():
 
 
 def test_key_stream_matches_release_key_and_per_class_noise():
-    stream = ldp.KeyStream(rk(11), "dp_sgd/gradient")
+    stream = noise.KeyStream(rk(11), "dp_sgd/gradient")
     for index, step in [(0, 0), (3, 7), (9, 123)]:
         want = jax.random.key_data(
             noise.release_key(rk(11), "dp_sgd/gradient", index=index, step=step)
         )
         np.testing.assert_array_equal(jax.random.key_data(stream.key(index, step)), want)
-    got = ldp.per_class_normal(stream.base, 5, num_classes=4, dim=30)
+    got = noise.per_class_normal(stream.base, 5, num_classes=4, dim=30)
     want = noise.gaussian_per_class(rk(11), "dp_sgd/gradient", 4, 30, 1.0, step=5)
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -136,7 +136,7 @@ def _both(data, **kw):
 def test_poisson_sampling_is_exact_reproducible_and_the_same_cached_or_streamed():
     data = _features()
     cached, streamed = _both(data)
-    stream = ldp.KeyStream(rk(4), "dp_sgd/poisson")
+    stream = noise.KeyStream(rk(4), "dp_sgd/poisson")
     q, steps, n = 0.1, 200, data.num_examples
     hits = np.zeros((steps, n), bool)
     for t in range(steps):
@@ -155,7 +155,7 @@ def test_poisson_sampling_is_exact_reproducible_and_the_same_cached_or_streamed(
     assert abs(np.corrcoef(hits[:-1].ravel(), hits[1:].ravel())[0, 1]) < 0.02
     assert abs(np.corrcoef(hits[:, :-1].ravel(), hits[:, 1:].ravel())[0, 1]) < 0.02
     # another seed, another sample
-    other = cached.poisson_indices(ldp.KeyStream(rk(5), "dp_sgd/poisson"), 3, q)
+    other = cached.poisson_indices(noise.KeyStream(rk(5), "dp_sgd/poisson"), 3, q)
     assert not np.array_equal(other, cached.poisson_indices(stream, 3, q))
 
 
@@ -167,7 +167,7 @@ def test_sampled_and_full_gradient_sums_agree_between_cache_and_stream():
         "weights": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
         "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
     }
-    stream = ldp.KeyStream(rk(0), "dp_sgd/poisson")
+    stream = noise.KeyStream(rk(0), "dp_sgd/poisson")
     kw = dict(sub_rows=64, l2_grad_clip=0.7, bias_scale=0.5)  # batches of ~300: several pieces
     a = cached.sampled_grad_sum(params, stream, 2, 0.3, **kw)
     b = streamed.sampled_grad_sum(params, stream, 2, 0.3, **kw)
@@ -193,7 +193,7 @@ def test_sampled_and_full_gradient_sums_agree_between_cache_and_stream():
 
 @pytest.mark.parametrize("q", [0.02, 1 / 3, 2048 / 60_000, 1e-9, 1.0])
 def test_bernoulli_threshold_never_exceeds_q(q):
-    t = float(ldp.bernoulli_threshold(q))
+    t = float(sampling.bernoulli_threshold(q))
     assert t <= q and q - t < 2.0**-23
     # on the grid of jax's float32 uniforms, so that P(u < t) = t exactly
     assert (t * 2**23) == int(t * 2**23)
@@ -202,7 +202,7 @@ def test_bernoulli_threshold_never_exceeds_q(q):
 def test_empty_batch_has_zero_gradient_sum():
     data = _features(n=300)
     cached, streamed = _both(data)
-    stream = ldp.KeyStream(rk(0), "x")
+    stream = noise.KeyStream(rk(0), "x")
     params = {"weights": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}
     for rows in (cached, streamed):
         assert len(rows.poisson_indices(stream, 0, 1e-9)) == 0

@@ -365,21 +365,22 @@ def test_audit_flags_noise_shared_across_classes(monkeypatch):
     shared gradient noise, so the audit flags the head at once.
     """
     dp_fc = pytest.importorskip("pipeline_lib.heads.dp_fc")
-    ldp = pytest.importorskip("pipeline_lib.heads.logistic_dp")
+    from pipeline_lib.privacy import noise
+
     epsilon = 2.0
     head = dp_fc.DPFeatureCovariance(
         num_steps=2, bias_scale=0.25, l2_grad_clip=0.5, covariance_share=0.25
     ).calibrate(epsilon=epsilon, delta=DELTA)
     u = np.array([0.6, 0.8])
     d0, d1 = neighbours(*circle_data(100), u)
-    per_class_normal = ldp.per_class_normal
+    per_class_normal = noise.per_class_normal
 
     def shared_normal(base, step, *, num_classes, dim):
         row = per_class_normal(base, step, num_classes=1, dim=dim)
         return jnp.tile(row, (num_classes, 1))
 
     jax.clear_caches()  # the update is jitted: retrace it with the bug
-    monkeypatch.setattr(ldp, "per_class_normal", shared_normal)
+    monkeypatch.setattr(noise, "per_class_normal", shared_normal)
     try:
         buggy = audit(fit_mechanism(head, head, d0, d1, u), trials=200, delta=DELTA)
     finally:
