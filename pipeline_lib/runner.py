@@ -11,13 +11,13 @@ import jax
 import numpy as np
 
 import pipeline_lib
-from pipeline_lib import tuning as tn
 from pipeline_lib.features.split import RowSubset
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import STATS_HEADS, make_head
 from pipeline_lib.heads.linear import accuracy, num_correct
 from pipeline_lib.heads.stats import load_stats
 from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import selection as tn
 from pipeline_lib.privacy.events import event_to_json
 
 COVERED = "the released head weights (head.npz), computed from the training split"
@@ -138,14 +138,11 @@ def _private_record(
 
 def _run_untuned(spec, head, train, timings, key: noise.NoiseKey) -> tuple[dict, dict]:
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
-    accounting.check_budget(eps, delta, train.num_examples)
     t = time.perf_counter()
-    head = tn.calibrate_alone(head, epsilon=eps, delta=delta, num_examples=train.num_examples)
+    head = head.calibrate(epsilon=eps, delta=delta, num_examples=train.num_examples)
     timings["calibrate"] = time.perf_counter() - t
     event = head.dp_event()
-    spent = accounting.epsilon_of(event, delta, head.accountant)
-    if spent > eps:
-        raise AssertionError(f"spent epsilon {spent} exceeds target {eps}")
+    spent = accounting.spend(event, target_epsilon=eps, delta=delta, accountant=head.accountant)
     public = _public_quantities(head, num_train=train.num_examples)
     record = _private_record(
         head, spec, spent=spent, event=event, covered=COVERED, tuning=None, public=public
@@ -173,8 +170,6 @@ def _run_private_selection(spec, heads, train, timings, key: noise.NoiseKey):
         num_examples=fit_part.num_examples,
     )
     timings["calibrate"] = time.perf_counter() - t
-    if joint.spent_epsilon > eps:
-        raise AssertionError(f"tuned run spent {joint.spent_epsilon} > target {eps}")
     t = time.perf_counter()
     fitted, correct = [], []
     for g, (head, cand) in enumerate(zip(joint.heads, spec["candidates"], strict=True)):
@@ -235,13 +230,10 @@ def _run_private_selection(spec, heads, train, timings, key: noise.NoiseKey):
 
 def _run_public_selection(spec, heads, train, public_train, public_test, timings, key):
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
-    accounting.check_budget(eps, delta, train.num_examples)
     t = time.perf_counter()
     scores = []
     for g, (head, cand) in enumerate(zip(heads, spec["candidates"], strict=True)):
-        h = tn.calibrate_alone(
-            head, epsilon=eps, delta=delta, num_examples=public_train.num_examples
-        )
+        h = head.calibrate(epsilon=eps, delta=delta, num_examples=public_train.num_examples)
         params = _fit(
             h, spec["method"], public_train, cand.get("public_stats_file"), key=key.child("pub", g)
         )

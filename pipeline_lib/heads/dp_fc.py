@@ -39,9 +39,12 @@ For full batches this gives the covariance exactly the fraction f of the
 Gaussian-DP mu^2 (mu^2 = 1/s_cov^2 + T/s_grad^2); with Poisson batches the
 same ratio is kept and amplification by sampling shrinks the gradients' cost.
 
-DpEvent: ComposedDpEvent([GaussianDpEvent(s_cov), SelfComposedDpEvent(G_t, T)])
-with G_t = GaussianDpEvent(s_grad), or PoissonSampledDpEvent(q, that) when
-``batch_size`` is set.
+DpEvent: the covariance Gaussian composed with T self-composed gradient
+Gaussians (Poisson-sampled at rate q when ``batch_size`` is set),
+`privacy.events.dp_fc_event(s_cov, s_grad / s_cov, T, q)`. Kernel calls:
+`privacy.clipping` (features, gradients), `privacy.noise.gaussian` (the
+covariance), `privacy.noise.per_class_normal` (gradients), `privacy.sampling`
+(Poisson batches).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ import numpy as np
 
 from pipeline_lib.heads import logistic_dp as ldp
 from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
-from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import accounting, events, noise
 
 NAME = "dp_fc"
 
@@ -141,15 +144,8 @@ class DPFeatureCovariance(PrivateHead):
         return self._event(self._require_calibrated(), self.num_examples)
 
     def _event(self, s: float, num_examples: int | None) -> dp_accounting.DpEvent:
-        grad = dp_accounting.GaussianDpEvent(self.grad_noise_ratio * s)
-        if self.batch_size is not None:
-            grad = dp_accounting.PoissonSampledDpEvent(self.sampling_prob(num_examples), grad)
-        return dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.GaussianDpEvent(s),
-                dp_accounting.SelfComposedDpEvent(grad, self.num_steps),
-            ]
-        )
+        q = None if self.batch_size is None else self.sampling_prob(num_examples)
+        return events.dp_fc_event(s, self.grad_noise_ratio, self.num_steps, q)
 
     def _require_calibrated(self) -> float:
         if self.noise_multiplier is None:
@@ -172,7 +168,6 @@ class DPFeatureCovariance(PrivateHead):
         accountant.
         """
         q = self.sampling_prob(num_examples)  # validates num_examples for Poisson batches
-        accounting.check_budget(epsilon, delta, num_examples)
         n = None if num_examples is None else int(num_examples)
         target_mu = 1.0 / dp_accounting.get_sigma_gaussian(epsilon, delta)
         r = self.grad_noise_ratio
@@ -187,6 +182,7 @@ class DPFeatureCovariance(PrivateHead):
             target_delta=delta,
             accountant=self.accountant,
             initial_guess=guess,
+            num_examples=n,
         )
         return dataclasses.replace(self, noise_multiplier=cal.noise_scale, num_examples=n)
 

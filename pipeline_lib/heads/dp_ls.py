@@ -13,8 +13,10 @@ L2 norm <= C, enforced by `bound_rows` before the sums are taken):
   ||x|| <= C.
 
 Each release is a Gaussian mechanism with noise multiplier s = stddev /
-sensitivity; the whole head is ComposedDpEvent([Gaussian(s_xtx),
-Gaussian(s_xty)]) and s_xty = xty_noise_ratio * s_xtx. Everything after the
+sensitivity; the whole head is the composition of the two Gaussians
+(`privacy.events.dp_ls_event(s_xtx, xty_noise_ratio)`), s_xty = xty_noise_ratio * s_xtx.
+Kernel calls: `privacy.clipping.bound_rows` (in the statistics pass),
+`privacy.noise.gaussian` / `gaussian_per_class` (the two releases). Everything after the
 releases is post-processing: projecting the noisy Gram matrix onto the PSD
 cone (clip negative eigenvalues) and solving (G + lambda I) W = xty, where
 lambda = ridge_lambda + ridge_noise_factor * s_xtx C^2 sqrt(d) depends only
@@ -31,7 +33,7 @@ import numpy as np
 
 from pipeline_lib.heads.base import PrivateHead
 from pipeline_lib.heads.stats import SuffStats
-from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import accounting, events, noise
 from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS
 
 
@@ -82,19 +84,17 @@ class DPLeastSquares(PrivateHead):
         return self._event(self._require_calibrated())
 
     def _event(self, s: float) -> dp_accounting.DpEvent:
-        return dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.GaussianDpEvent(s),
-                dp_accounting.GaussianDpEvent(self.xty_noise_ratio * s),
-            ]
-        )
+        return events.dp_ls_event(s, self.xty_noise_ratio)
 
     def _require_calibrated(self) -> float:
         if self.noise_multiplier is None:
             raise ValueError("dp_ls: not calibrated; call .calibrate(epsilon=, delta=) first")
         return self.noise_multiplier
 
-    def calibrate(self, *, epsilon: float, delta: float) -> DPLeastSquares:
+    def calibrate(
+        self, *, epsilon: float, delta: float, num_examples: int | None = None
+    ) -> DPLeastSquares:
+        """Smallest s spending at most (epsilon, delta); N only enters the budget check."""
         # Exact for two composed Gaussians: the equivalent single multiplier
         # is s / sqrt(1 + 1/r^2); start the bracket search right there.
         r = self.xty_noise_ratio
@@ -105,6 +105,7 @@ class DPLeastSquares(PrivateHead):
             target_delta=delta,
             accountant=self.accountant,
             initial_guess=guess,
+            num_examples=num_examples,
         )
         return dataclasses.replace(self, noise_multiplier=cal.noise_scale)
 

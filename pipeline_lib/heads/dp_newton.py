@@ -64,12 +64,11 @@ each release exactly once.
 Each release is a Gaussian mechanism with noise multiplier s = stddev /
 sensitivity (independent of K, d and N, so calibration needs no data). Each
 step releases one gradient-type (s_g) and one Hessian-type (s_h) statistic,
-so the whole head is
-
-    SelfComposedDpEvent(ComposedDpEvent([GaussianDpEvent(s_g),
-                                         GaussianDpEvent(s_h)]), T)
-
-with s_h = hessian_noise_ratio * s_g; calibration finds s_g.
+so the whole head is T self-composed steps of two composed Gaussians,
+`privacy.events.dp_newton_event(s_g, hessian_noise_ratio, T)`, with
+s_h = hessian_noise_ratio * s_g; calibration finds s_g. Kernel calls:
+`privacy.clipping.bound_rows` (features), `privacy.clipping.clip_l2`
+(residual and Hessian-weight rows), `privacy.noise.gaussian` (every release).
 
 Post-processing, per class, from public quantities only (never N): project
 the noisy Hessian onto the PSD cone (clip negative eigenvalues), add lambda I
@@ -106,7 +105,7 @@ import numpy as np
 from pipeline_lib.heads.base import PrivateHead
 from pipeline_lib.heads.dp_ls import solve_ridge_psd
 from pipeline_lib.heads.stats import padded_chunks
-from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import accounting, events, noise
 from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, SHRINK, bound_rows, clip_l2
 
 GRADIENT_RELEASE = "dp_newton/gradient"
@@ -293,20 +292,17 @@ class DPNewton(PrivateHead):
         return self._event(self._require_calibrated())
 
     def _event(self, s: float) -> dp_accounting.DpEvent:
-        step = dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.GaussianDpEvent(s),
-                dp_accounting.GaussianDpEvent(self.hessian_noise_ratio * s),
-            ]
-        )
-        return dp_accounting.SelfComposedDpEvent(step, self.num_steps)
+        return events.dp_newton_event(s, self.hessian_noise_ratio, self.num_steps)
 
     def _require_calibrated(self) -> float:
         if self.noise_multiplier is None:
             raise ValueError("dp_newton: not calibrated; call .calibrate(epsilon=, delta=) first")
         return self.noise_multiplier
 
-    def calibrate(self, *, epsilon: float, delta: float) -> DPNewton:
+    def calibrate(
+        self, *, epsilon: float, delta: float, num_examples: int | None = None
+    ) -> DPNewton:
+        """Smallest s spending at most (epsilon, delta); N only enters the budget check."""
         # 2T composed Gaussians are exactly one Gaussian with multiplier
         # s / sqrt(T (1 + 1/r^2)): start the bracket search right there.
         r = self.hessian_noise_ratio
@@ -319,6 +315,7 @@ class DPNewton(PrivateHead):
             target_delta=delta,
             accountant=self.accountant,
             initial_guess=guess,
+            num_examples=num_examples,
         )
         return dataclasses.replace(self, noise_multiplier=cal.noise_scale)
 

@@ -21,7 +21,10 @@ L2 norm <= C, enforced by `bound_rows` exactly as at test time):
   is private), and fed to an optax optimizer (SGD with momentum or Adam) from
   zero-initialised weights and bias.
 
-DpEvent: SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(s)), T).
+DpEvent: T self-composed Poisson-sampled Gaussians,
+`privacy.events.dp_sgd_event(s, q, T)`. Kernel calls: `privacy.sampling`
+(Poisson masks), `privacy.clipping.clip_factors` (gradients, via
+`logistic_dp`), `privacy.noise.per_class_normal` (gradient noise).
 
 On N: q = batch_size / N and T depend on the training-set size N, which is
 not strictly public under add-or-remove-one (a neighbour has N +- 1). Taking
@@ -47,7 +50,7 @@ import optax
 
 from pipeline_lib.heads import logistic_dp as ldp
 from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
-from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import accounting, events, noise
 
 NAME = "dp_sgd"
 
@@ -118,10 +121,7 @@ class DPSGDLogistic(PrivateHead):
         return self._event(s, n)
 
     def _event(self, s: float, n: int) -> dp_accounting.DpEvent:
-        step = dp_accounting.PoissonSampledDpEvent(
-            self.sampling_prob(n), dp_accounting.GaussianDpEvent(s)
-        )
-        return dp_accounting.SelfComposedDpEvent(step, self.num_steps(n))
+        return events.dp_sgd_event(s, self.sampling_prob(n), self.num_steps(n))
 
     def _require_calibrated(self) -> tuple[float, int]:
         if self.noise_multiplier is None or self.num_examples is None:
@@ -130,7 +130,9 @@ class DPSGDLogistic(PrivateHead):
             )
         return self.noise_multiplier, self.num_examples
 
-    def calibrate(self, *, epsilon: float, delta: float, num_examples: int) -> DPSGDLogistic:
+    def calibrate(
+        self, *, epsilon: float, delta: float, num_examples: int | None = None
+    ) -> DPSGDLogistic:
         """Smallest noise multiplier with spent epsilon <= target for N = num_examples.
 
         The search starts from the Gaussian-DP central-limit approximation
@@ -138,7 +140,6 @@ class DPSGDLogistic(PrivateHead):
         configured accountant.
         """
         n = self._check_num_examples(num_examples)
-        accounting.check_budget(epsilon, delta, n)
         q, steps = self.sampling_prob(n), self.num_steps(n)
         target_mu = 1.0 / dp_accounting.get_sigma_gaussian(epsilon, delta)
         guess = ldp.solve_scale(lambda s: ldp.gdp_mu(q, steps, s), target_mu)
@@ -148,6 +149,7 @@ class DPSGDLogistic(PrivateHead):
             target_delta=delta,
             accountant=self.accountant,
             initial_guess=guess,
+            num_examples=n,
         )
         return dataclasses.replace(self, noise_multiplier=cal.noise_scale, num_examples=n)
 

@@ -64,6 +64,21 @@ def epsilon_of(event: dp_accounting.DpEvent, delta: float, accountant: str) -> f
     return float(acc.get_epsilon(delta))
 
 
+def spend(
+    event: dp_accounting.DpEvent, *, target_epsilon: float, delta: float, accountant: str
+) -> float:
+    """The epsilon `event` spends at `delta` (fresh accountant), checked against the target.
+
+    The one place where "spent <= target" is enforced: every release the runner
+    writes, and every calibration, goes through here. dp_accounting's calibration
+    already guarantees it; this is the belt to its braces.
+    """
+    spent = epsilon_of(event, delta, accountant)
+    if spent > target_epsilon:
+        raise AssertionError(f"release overspends: epsilon {spent} > target {target_epsilon}")
+    return spent
+
+
 def check_budget(target_epsilon: float, target_delta: float, num_examples: int | None = None):
     """Reject budgets that are meaningless or that give no real protection."""
     if not (isinstance(target_epsilon, int | float) and math.isfinite(target_epsilon)):
@@ -88,6 +103,7 @@ def calibrate_noise_scale(
     accountant: str = "pld",
     initial_guess: float = 1.0,
     rel_tol: float = 1e-3,
+    num_examples: int | None = None,
 ) -> Calibration:
     """Smallest noise scale t with epsilon(make_event(t), target_delta) <= target_epsilon.
 
@@ -97,7 +113,7 @@ def calibrate_noise_scale(
     `dp_accounting.calibrate_dp_mechanism`, which only ever returns a value
     whose epsilon is at most the target.
     """
-    check_budget(target_epsilon, target_delta)
+    check_budget(target_epsilon, target_delta, num_examples)  # the one budget check
     make_accountant(accountant)  # validate the name before searching
 
     def eps(t: float) -> float:
@@ -125,9 +141,9 @@ def calibrate_noise_scale(
         bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi),
         tol=rel_tol * lo,
     )
-    spent = eps(scale)
-    if spent > target_epsilon:  # dp_accounting guarantees this; we check anyway
-        raise AssertionError(f"calibration overspent: {spent} > {target_epsilon}")
+    spent = spend(
+        make_event(scale), target_epsilon=target_epsilon, delta=target_delta, accountant=accountant
+    )
     return Calibration(
         noise_scale=float(scale),
         target_epsilon=float(target_epsilon),

@@ -58,7 +58,7 @@ def test_calibration_round_trip_rdp_needs_more_noise_than_pld():
 
 
 def test_calibration_needs_num_examples_and_a_sane_budget():
-    with pytest.raises(TypeError, match="num_examples"):
+    with pytest.raises(ValueError, match="num_examples must be a positive int"):
         DPSGDLogistic().calibrate(epsilon=1.0, delta=1e-5)
     with pytest.raises(ValueError, match="delta"):
         DPSGDLogistic(batch_size=10).calibrate(epsilon=1.0, delta=0.01, num_examples=1000)

@@ -1,4 +1,4 @@
-"""Hyperparameter selection whose privacy cost is accounted.
+"""Private hyperparameter selection: mechanisms and their accounting.
 
 Private selection (``selection: private``) over G candidate configurations of
 one head, for a target (epsilon, delta) that covers the whole procedure:
@@ -32,25 +32,14 @@ private data pays for one run, so the run's epsilon covers tuning.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 
 import dp_accounting
 import numpy as np
 
-from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import accounting, events, noise
 
 __all__ = ["JointCalibration", "calibrate_jointly", "noisy_selection", "with_noise"]
-
-
-def _wants_num_examples(head) -> bool:
-    return "num_examples" in inspect.signature(head.calibrate).parameters
-
-
-def calibrate_alone(head, *, epsilon: float, delta: float, num_examples: int):
-    """``head.calibrate`` with N passed only to heads whose sampling needs it."""
-    extra = {"num_examples": num_examples} if _wants_num_examples(head) else {}
-    return head.calibrate(epsilon=epsilon, delta=delta, **extra)
 
 
 def with_noise(head, noise_multiplier: float):
@@ -69,8 +58,8 @@ class JointCalibration:
 
 
 def _joint_event(alone: list, z: float, t: float) -> dp_accounting.DpEvent:
-    events = [with_noise(h, t * h.noise_multiplier).dp_event() for h in alone]
-    return dp_accounting.ComposedDpEvent([*events, dp_accounting.GaussianDpEvent(t * z)])
+    trained = [with_noise(h, t * h.noise_multiplier).dp_event() for h in alone]
+    return events.private_selection_event(trained, t * z)
 
 
 def calibrate_jointly(
@@ -79,10 +68,7 @@ def calibrate_jointly(
     """Calibrate G candidates and the selection so that all of it spends <= (epsilon, delta)."""
     if not heads:
         raise ValueError("no candidates to calibrate")
-    accounting.check_budget(epsilon, delta, num_examples)
-    alone = [
-        calibrate_alone(h, epsilon=epsilon, delta=delta, num_examples=num_examples) for h in heads
-    ]
+    alone = [h.calibrate(epsilon=epsilon, delta=delta, num_examples=num_examples) for h in heads]
     z = dp_accounting.get_sigma_gaussian(epsilon, delta)
     g = len(alone) + 1
     cal = accounting.calibrate_noise_scale(
@@ -91,6 +77,7 @@ def calibrate_jointly(
         target_delta=delta,
         accountant=accountant,
         initial_guess=math.sqrt(g),  # exact for Gaussian-only heads (mu adds in quadrature)
+        num_examples=num_examples,
     )
     t = cal.noise_scale
     final = [with_noise(h, t * h.noise_multiplier) for h in alone]
@@ -100,7 +87,9 @@ def calibrate_jointly(
         selection_noise_multiplier=t * z,
         factor=t,
         event=event,
-        spent_epsilon=accounting.epsilon_of(event, delta, accountant),
+        spent_epsilon=accounting.spend(
+            event, target_epsilon=epsilon, delta=delta, accountant=accountant
+        ),
         candidate_epsilons=[accounting.epsilon_of(h.dp_event(), delta, accountant) for h in final],
     )
 

@@ -4,9 +4,9 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from pipeline_lib import tuning as tn
 from pipeline_lib.heads import make_head
 from pipeline_lib.privacy import accounting, noise
+from pipeline_lib.privacy import selection as tn
 from pipeline_lib.privacy.noise import NoiseKey
 
 rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
