@@ -34,8 +34,30 @@ __all__ = [
     "dp_sgd_event",
     "event_from_json",
     "event_to_json",
+    "gaussian_event",
     "private_selection_event",
+    "repeat_and_select_event",
 ]
+
+
+def gaussian_event(noise_multiplier: float) -> dp_event.DpEvent:
+    """One Gaussian release (std = multiplier x L2 sensitivity).
+
+    >>> gaussian_event(2.5)
+    GaussianDpEvent(noise_multiplier=2.5)
+    """
+    return dp_event.GaussianDpEvent(noise_multiplier)
+
+
+def repeat_and_select_event(base: dp_event.DpEvent, mean: float, shape: float) -> dp_event.DpEvent:
+    """Papernot & Steinke's repeat-and-select: K ~ D(mean, shape) runs of `base`, only the
+    best released (shape inf: Poisson; 0: logarithmic; 1: geometric; else truncated
+    negative binomial). RDP accountant only.
+
+    >>> repeat_and_select_event(gaussian_event(3.0), 10.0, 1.0)
+    RepeatAndSelectDpEvent(event=GaussianDpEvent(noise_multiplier=3.0), mean=10.0, shape=1.0)
+    """
+    return dp_event.RepeatAndSelectDpEvent(base, float(mean), float(shape))
 
 
 # ----------------------------------------------------------------- events of the mechanisms

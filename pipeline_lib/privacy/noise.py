@@ -97,6 +97,13 @@ class NoiseKey:
         ).digest()
         return NoiseKey._from_bytes(digest, reproducible=self._reproducible)
 
+    def numpy_generator(self, *labels: object) -> np.random.Generator:
+        """A NumPy generator seeded from a child key: for draws that are not Gaussian
+        noise (the number of trials of repeat-and-select, and which candidate each runs),
+        as secret as the key itself."""
+        child = self.child("numpy", *labels)
+        return np.random.Generator(np.random.PCG64(child._words[0] << 32 | child._words[1]))
+
     def jax_key(self) -> jax.Array:
         """The base as a typed threefry2x32 JAX key (all 64 bits used)."""
         data = np.asarray(self._words, dtype=np.uint32)
