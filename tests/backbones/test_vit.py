@@ -275,7 +275,12 @@ def test_feature_dim_follows_the_head():
         "representation_size": 32,
         "num_classes": 21843,
     }
-    assert vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)})["pool"] == "gap"
+    with pytest.raises(ValueError, match="neither a \\[cls\\] token nor a MAP head"):
+        vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)})
+    for pool in ("gap", "0", "none"):
+        assert vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)}, pool)["pool"] == pool
+    with pytest.raises(ValueError, match="pool_type is 'gap' but checkpoint .* has a \\[cls\\]"):
+        vit.head_config_from_shapes({"cls": (1, 1, 64)}, "gap")
     assert vit.head_config_from_shapes({"MAPHead_0/probe": (1, 1, 64)})["pool"] == "map"
     assert vit.head_config_from_shapes({"params/cls": (1, 1, 64)})["pool"] == "tok"
 
@@ -475,7 +480,8 @@ def test_get_backbone_from_a_spec_end_to_end(tmp_path):
     assert backbone.name == "vit_tiny"
     assert backbone.native_image_size == SIZE
     assert backbone.feature_dim == 64
-    assert "127.5" in backbone.preprocessing
+    assert "127.5" in backbone.image_preprocessing.describe()
+    assert backbone.image_preprocessing.name == "big_vision"
     variables, sha256 = backbone.load_variables()
     assert sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
     raw = images()
@@ -491,7 +497,9 @@ def test_get_backbone_from_a_spec_end_to_end(tmp_path):
 def test_get_backbone_reads_the_head_off_the_checkpoint(tmp_path):
     config = tiny_config(pool="gap", representation_size=None, num_classes=None)
     path = save_big_vision(tmp_path / "gap.npz", random_flat_params(config))
-    backbone = get_backbone("vit_gap", spec=spec_for(path))
+    with pytest.raises(ValueError, match="backbones.vit_gap.pool_type"):
+        get_backbone("vit_gap", spec=spec_for(path))
+    backbone = get_backbone("vit_gap", spec=spec_for(path, pool_type="gap"))
     assert backbone.module.config.pool == "gap"
     assert backbone.module.config.num_classes is None
     assert backbone.feature_dim == 64
@@ -501,6 +509,8 @@ def test_get_backbone_spec_errors(tmp_path):
     path = save_big_vision(tmp_path / "tiny.npz", random_flat_params(tiny_config()))
     with pytest.raises(ValueError, match=r"backbones.v: unknown key\(s\) \['pool'\]"):
         get_backbone("v", spec=spec_for(path, pool="gap"))
+    with pytest.raises(ValueError, match=r"backbones.v.pool_type is 'gap' but"):
+        get_backbone("v", spec=spec_for(path, pool_type="gap"))
     with pytest.raises(ValueError, match=r"backbones.v.model is 'resnet'"):
         get_backbone("v", spec={"model": "resnet"})
     with pytest.raises(ValueError, match=r"backbones.v: missing key\(s\) \['checkpoint'\]"):
