@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pipeline_lib
-from pipeline_lib.backbones import Backbone, get_backbone
+from pipeline_lib.backbones import Backbone, get_backbone, matmul_precision
 from pipeline_lib.backbones.preprocessing import PRESETS, Preprocessing
 from pipeline_lib.features import devices as dev
 from pipeline_lib.features import pipeline as pipe
@@ -180,6 +180,7 @@ def store_attrs(
         "preprocessing_spec": backbone.image_preprocessing.as_dict(),
         "image_size": int(image_size),
         "compute_dtype": settings.dtype,
+        "matmul_precision": matmul_precision(settings.dtype),
         "batch_size": int(settings.batch_size),
         "dataset": source.name,
         "split": source.split,
@@ -266,9 +267,11 @@ def extract_shard(
         len(mine) - len(todo),
         len(todo),
     )
-    stats = _run_chunks(
-        source, backbone, variables, out_path, todo, image_size, settings, progress=progress
-    )
+    # ViTs carry their precision in the module; this covers every other backbone.
+    with jax.default_matmul_precision(matmul_precision(settings.dtype)):
+        stats = _run_chunks(
+            source, backbone, variables, out_path, todo, image_size, settings, progress=progress
+        )
     stats.update(
         shard=shard,
         num_shards=num_shards,

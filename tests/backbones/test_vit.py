@@ -278,7 +278,8 @@ def test_feature_dim_follows_the_head():
     with pytest.raises(ValueError, match="neither a \\[cls\\] token nor a MAP head"):
         vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)})
     for pool in ("gap", "0", "none"):
-        assert vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)}, pool)["pool"] == pool
+        head = vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)}, pool)
+        assert head["pool"] == pool
     with pytest.raises(ValueError, match="pool_type is 'gap' but checkpoint .* has a \\[cls\\]"):
         vit.head_config_from_shapes({"cls": (1, 1, 64)}, "gap")
     assert vit.head_config_from_shapes({"MAPHead_0/probe": (1, 1, 64)})["pool"] == "map"
