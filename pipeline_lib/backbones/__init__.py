@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pipeline_lib.backbones import efficientnet_lite, vit
+from pipeline_lib.backbones import efficientnet_lite, vit, vit_timm
 from pipeline_lib.backbones.checkpoints import (
     DEFAULT_CACHE_DIR,
     CheckpointError,
@@ -33,6 +33,7 @@ from pipeline_lib.backbones.checkpoints import (
     fetch_checkpoint,
     read_npz_shapes,
 )
+from pipeline_lib.backbones.preprocessing import PRESETS, Preprocessing, get_preprocessing
 from pipeline_lib.backbones.torch_legacy import load_legacy_state_dict
 
 __all__ = [
@@ -40,12 +41,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "MissingWeightsError",
+    "Preprocessing",
     "checkpoint_path",
     "default_chunk_pixels",
     "default_depthwise_impl",
     "DEFAULT_CACHE_DIR",
     "get_backbone",
     "list_backbones",
+    "matmul_precision",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -68,6 +71,7 @@ class Backbone:
     native_image_size: int
     feature_dim: int
     preprocessing: str
+    image_preprocessing: Preprocessing
     _preprocess_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(repr=False, compare=False)
     _load_fn: Callable[[int | None], tuple[dict, str]] = dataclasses.field(
         repr=False, compare=False
@@ -218,13 +222,17 @@ def _efficientnet_lite_backbone(
         native_image_size=config.image_size,
         feature_dim=config.head_channels,
         preprocessing=efficientnet_lite.PREPROCESSING,
+        image_preprocessing=PRESETS["efficientnet_lite"],
         _preprocess_fn=efficientnet_lite.preprocess_images,
         _load_fn=lambda image_size: _load_efficientnet_lite(builtin),
     )
 
 
 _SPEC_KEYS = {
-    "vit": ({"model", "variant", "checkpoint"}, {"sha256", "allow_network", "image_size"}),
+    "vit": (
+        {"model", "variant", "checkpoint"},
+        {"sha256", "allow_network", "image_size", "family", "pool_type", "preprocessing"},
+    ),
     "efficientnet_lite": ({"model", "variant"}, set()),
 }
 
@@ -263,6 +271,30 @@ def _backbone_from_spec(
     return _vit_backbone(name, spec, dtype=dtype, cache_dir=cache_dir)
 
 
+def _vit_family(where: str, spec: Mapping, path: str) -> str:
+    """The checkpoint family: ``spec['family']``, checked against the file format."""
+    fmt = "safetensors" if path.endswith(".safetensors") else "npz"
+    family = spec.get("family")
+    choices = sorted(f for f, (ff, *_) in vit_timm.FAMILIES.items() if ff == fmt)
+    if family is None:
+        if fmt == "npz":
+            return "big_vision"
+        raise ValueError(
+            f"{where}.family is needed for a .safetensors checkpoint ({path}): the file does "
+            f"not say which activation, LayerNorm epsilon and preprocessing its family uses; "
+            f"choose one of {choices}"
+        )
+    if family not in vit_timm.FAMILIES:
+        raise ValueError(f"{where}.family is {family!r}; choose one of {list(vit_timm.FAMILIES)}")
+    if vit_timm.FAMILIES[family][0] != fmt:
+        raise ValueError(
+            f"{where}.family is {family!r}, whose checkpoints are "
+            f".{vit_timm.FAMILIES[family][0]} files, but {path} is a .{fmt} file; for it "
+            f"choose one of {choices}"
+        )
+    return family
+
+
 def _vit_backbone(name: str, spec: Mapping, *, dtype: str, cache_dir: str | None) -> Backbone:
     where = f"backbones.{name}"
     fetch = dict(
@@ -273,15 +305,42 @@ def _vit_backbone(name: str, spec: Mapping, *, dtype: str, cache_dir: str | None
     )
     uri = str(spec["checkpoint"])
     path, _ = fetch_checkpoint(uri, **fetch)
-    head = vit.head_config_from_shapes(read_npz_shapes(path))
+    family = _vit_family(where, spec, path)
+    _, activation, eps, preset = vit_timm.FAMILIES[family]
+    prep = get_preprocessing(str(spec.get("preprocessing", preset)), f"{where}.preprocessing")
+    if path.endswith(".safetensors"):
+        file_shapes = vit_timm.read_safetensors_shapes(path)
+        arch = vit_timm.file_features(file_shapes)
+        names = {
+            "cls_token": "cls",
+            "attn_pool.latent": "MAPHead_0/probe",
+            "head.weight": "head/kernel",
+        }
+        shapes = {names[k]: v[::-1] for k, v in file_shapes.items() if k in names}
+    else:
+        arch = {}
+        shapes = vit.convert_shapes(read_npz_shapes(path))
     try:
+        head = vit.head_config(
+            shapes, spec.get("pool_type"), where=f"{where}.pool_type", source=uri
+        )
+        if head["pool"] == "none":
+            raise ValueError(
+                f"{where}.pool_type is 'none': the model then outputs one feature per token, "
+                "but a feature store holds one vector per image; use the pool_type the "
+                "checkpoint was trained with ('gap' or '0' for a file without [cls] or MAP head)"
+            )
         config = vit.get_config(
             str(spec["variant"]),
             image_size=int(spec.get("image_size") or vit.DEFAULT_IMAGE_SIZE),
+            activation=activation,
+            layer_norm_eps=eps,
+            **arch,
             **head,
         )
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+        message = str(e)
+        raise ValueError(message if message.startswith(where) else f"{where}: {message}") from e
 
     def load(image_size: int | None) -> tuple[dict, str]:
         local, sha256 = fetch_checkpoint(uri, **fetch)
@@ -290,10 +349,18 @@ def _vit_backbone(name: str, spec: Mapping, *, dtype: str, cache_dir: str | None
 
     return Backbone(
         name=name,
-        module=vit.ViT(config, dtype=_DTYPES[dtype]),
+        module=vit.ViT(config, dtype=_DTYPES[dtype], precision=matmul_precision(dtype)),
         native_image_size=config.image_size,
         feature_dim=config.feature_dim,
-        preprocessing=vit.PREPROCESSING,
-        _preprocess_fn=vit.preprocess_images,
+        preprocessing=f"{family} ViT, {config.feature_description}",
+        image_preprocessing=prep,
+        _preprocess_fn=prep.normalize,
         _load_fn=load,
     )
+
+
+def matmul_precision(dtype: str) -> str:
+    """The matmul precision a backbone computes with: "highest" (true float32 products,
+    never TF32 or bf16 passes on GPUs and TPUs) for float32 features, "default" (the
+    accelerator's fast path) when bfloat16 compute was asked for."""
+    return "highest" if dtype == "float32" else "default"

@@ -165,6 +165,13 @@ def fetch_checkpoint(
     url = resolve_url(uri)
     if url is None:
         path = _local_path(uri)
+        if os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if f.endswith((".npz", ".safetensors")))[:10]
+            raise CheckpointNotFoundError(
+                f"checkpoint {path} is a directory (from {uri!r}); point the checkpoint at "
+                "the weights file inside it"
+                + (f", e.g. one of {files}" if files else " (it holds no .npz or .safetensors)")
+            )
         if not os.path.isfile(path):
             raise CheckpointNotFoundError(f"checkpoint file {path} does not exist (from {uri!r})")
         got = sha256_file(path)
@@ -252,9 +259,16 @@ def match_parameters(
     *,
     source: str,
     notes: tuple[str, ...] = (),
+    origin: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
 ) -> None:
     """Raise ``CheckpointMismatchError`` listing every missing, unexpected and mis-shaped
-    parameter (name -> shape maps) at once; ``notes`` are added after the summary line."""
+    parameter (name -> shape maps) at once; ``notes`` are added after the summary line.
+
+    ``origin`` maps a converted name in ``found`` to (name, shape) in the file, so that
+    problems are reported by the name the user sees in the file. A file parameter that
+    was split into several model parameters (a fused qkv) is listed once.
+    """
+    origin = origin or {}
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
     misshaped = sorted(
@@ -262,15 +276,32 @@ def match_parameters(
     )
     if not (missing or unexpected or misshaped):
         return
-    lines = [
-        f"checkpoint {source} does not match the model: {len(missing)} missing, "
-        f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped parameter(s)",
-        *notes,
+    lines = [f"  missing: {k} {tuple(expected[k])}" for k in missing]
+    seen: set[str] = set()
+
+    def named(key: str) -> str | None:
+        """How the file names ``key``; None if that file parameter was listed already."""
+        name, shape = origin.get(key, (key, tuple(found[key])))
+        if name in seen:
+            return None
+        seen.add(name)
+        return name if name == key else f"{name} {tuple(shape)} (as the model's {key})"
+
+    for k in unexpected:
+        if (name := named(k)) is not None:
+            lines.append(f"  unexpected: {name}" + (f" {tuple(found[k])}" if name == k else ""))
+    for k in misshaped:
+        if (name := named(k)) is not None:
+            lines.append(
+                f"  mis-shaped: {name}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
+            )
+    counts = [
+        len(missing),
+        len({origin.get(k, (k,))[0] for k in unexpected}),
+        len({origin.get(k, (k,))[0] for k in misshaped}),
     ]
-    lines += [f"  missing: {k} {tuple(expected[k])}" for k in missing]
-    lines += [f"  unexpected: {k} {tuple(found[k])}" for k in unexpected]
-    lines += [
-        f"  mis-shaped: {k}: checkpoint {tuple(found[k])}, model {tuple(expected[k])}"
-        for k in misshaped
-    ]
-    raise CheckpointMismatchError("\n".join(lines))
+    header = (
+        f"checkpoint {source} does not match the model: {counts[0]} missing, "
+        f"{counts[1]} unexpected, {counts[2]} mis-shaped parameter(s)"
+    )
+    raise CheckpointMismatchError("\n".join([header, *notes, *lines]))

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pipeline_lib
-from pipeline_lib.backbones import Backbone, get_backbone
+from pipeline_lib.backbones import Backbone, get_backbone, matmul_precision
+from pipeline_lib.backbones.preprocessing import PRESETS, Preprocessing
 from pipeline_lib.features import devices as dev
 from pipeline_lib.features import pipeline as pipe
 from pipeline_lib.features import store as fstore
@@ -109,17 +110,21 @@ class ExtractionSettings:
         return cls(**{k: v for k, v in extraction.items() if k in names})
 
 
-def to_model_input(images: jax.Array, image_size: int) -> jax.Array:
-    """uint8 (B,H,W) or (B,H,W,C) -> float32 (B,S,S,3) in [0,255], bilinear resize.
+def to_model_input(
+    images: jax.Array, image_size: int, preprocessing: Preprocessing | None = None
+) -> jax.Array:
+    """uint8 (B,H,W) or (B,H,W,C) -> float32 (B,S,S,3) in [0,255], resized (and cropped,
+    and rounded) as ``preprocessing`` says (default: the EfficientNet-Lite preset).
 
     Grayscale is repeated to three channels. Resizing happens on the device,
     inside the jitted function, so the host only moves uint8 bytes.
     """
+    prep = PRESETS["efficientnet_lite"] if preprocessing is None else preprocessing
     x = images.astype(jnp.float32)
     if x.ndim == 3:
         x = x[..., None]
-    b, _, _, c = x.shape
-    x = jax.image.resize(x, (b, image_size, image_size, c), method="bilinear", antialias=True)
+    c = x.shape[-1]
+    x = prep.resize_device(x, image_size)
     if c == 1:
         x = jnp.repeat(x, 3, axis=-1)
     elif c != 3:
@@ -139,7 +144,7 @@ def make_feature_fn(
 
     def features(variables, images):
         if resize_on_device:
-            x = to_model_input(images, image_size)
+            x = to_model_input(images, image_size, backbone.image_preprocessing)
         else:
             x = images.astype(jnp.float32)
         out = module.apply(variables, backbone.preprocess(x))
@@ -156,8 +161,11 @@ def _loop_free(module):
 
 
 def _preprocessing(backbone: Backbone, image_size: int, host_resize: bool) -> str:
-    where = "Pillow bilinear resize on the host" if host_resize else "bilinear resize"
-    return f"{where} to {image_size}px, gray->RGB, {backbone.preprocessing}"
+    where = "on the host" if host_resize else "on the device"
+    return (
+        f"resize {where} to {image_size}px ({backbone.image_preprocessing.describe()}), "
+        f"gray->RGB, {backbone.preprocessing}"
+    )
 
 
 def store_attrs(
@@ -169,8 +177,10 @@ def store_attrs(
         "backbone": backbone.name,
         "checkpoint_sha256": checkpoint_sha256,
         "preprocessing": _preprocessing(backbone, image_size, host_resize),
+        "preprocessing_spec": backbone.image_preprocessing.as_dict(),
         "image_size": int(image_size),
         "compute_dtype": settings.dtype,
+        "matmul_precision": matmul_precision(settings.dtype),
         "batch_size": int(settings.batch_size),
         "dataset": source.name,
         "split": source.split,
@@ -257,9 +267,11 @@ def extract_shard(
         len(mine) - len(todo),
         len(todo),
     )
-    stats = _run_chunks(
-        source, backbone, variables, out_path, todo, image_size, settings, progress=progress
-    )
+    # ViTs carry their precision in the module; this covers every other backbone.
+    with jax.default_matmul_precision(matmul_precision(settings.dtype)):
+        stats = _run_chunks(
+            source, backbone, variables, out_path, todo, image_size, settings, progress=progress
+        )
     stats.update(
         shard=shard,
         num_shards=num_shards,
@@ -318,6 +330,7 @@ def _run_chunks(
         batch_size=settings.batch_size,
         image_size=image_size,
         host_resize=host_resize,
+        preprocessing=backbone.image_preprocessing,
     )
     writer = _ChunkWriter(out_path, source, bounds, backbone.feature_dim)
     compiled, meter = None, None

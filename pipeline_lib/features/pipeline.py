@@ -23,12 +23,12 @@ Resizing policy (:func:`resize_on_host`): a source that declares one fixed
 sends its uint8 images unresized; the device resizes them inside the jitted
 function (``extract.to_model_input``), as before. Any other source (TFDS
 ImageNet, image folders: images of many sizes) is resized on the host, every
-batch alike, so that one dataset never mixes the two resizers. The host resizer
-is Pillow's bilinear filter, which widens its support when it shrinks
-(antialiasing, like ``jax.image.resize(..., antialias=True)``) and rounds to
-uint8; it is deterministic, releases the GIL, and keeps host-to-device
-transfers at one byte per channel. Grey images are repeated to RGB on the host
-so that a batch always has one shape.
+batch alike, so that one dataset never mixes the two resizers. Both resizers
+follow the backbone's :class:`~pipeline_lib.backbones.preprocessing.Preprocessing`
+(the checkpoint family's resize method, antialiasing, crop and rounding). Host
+batches are uint8 when the family rounds resized pixels to uint8 and float32
+when it keeps them in float. Grey images are repeated to RGB on the host so
+that a batch always has one shape.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
+
+from pipeline_lib.backbones.preprocessing import PRESETS, Preprocessing
 
 __all__ = [
     "Batch",
@@ -163,10 +165,12 @@ def resize_on_host(source) -> bool:
     return not (isinstance(shape, tuple) and len(shape) in (2, 3))
 
 
-def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> uint8 (S, S, 3), Pillow bilinear (antialiased)."""
-    from PIL import Image
-
+def resize_image(
+    image: np.ndarray, image_size: int, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> (S, S, 3) as ``preprocessing`` resizes
+    (default: the EfficientNet-Lite preset, Pillow bilinear rounded to uint8)."""
+    prep = PRESETS["efficientnet_lite"] if preprocessing is None else preprocessing
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"images must be uint8, got {image.dtype} with shape {image.shape}")
@@ -178,12 +182,7 @@ def resize_image(image: np.ndarray, image_size: int) -> np.ndarray:
         raise ValueError(
             f"images must be (H, W), (H, W, 1) or (H, W, 3) uint8, got shape {image.shape}"
         )
-    if image.shape[:2] == (image_size, image_size):
-        return np.ascontiguousarray(image)
-    resized = Image.fromarray(image, mode="RGB").resize(
-        (image_size, image_size), resample=Image.Resampling.BILINEAR
-    )
-    return np.asarray(resized, dtype=np.uint8)
+    return prep.resize_host(image, image_size)
 
 
 def make_batch(
@@ -195,6 +194,7 @@ def make_batch(
     batch_size: int,
     image_size: int,
     host_resize: bool,
+    preprocessing: Preprocessing | None = None,
 ) -> Batch:
     """Read rows [start, stop) of ``source``, resize on the host if asked, pad to batch_size."""
     n = stop - start
@@ -208,7 +208,7 @@ def make_batch(
             f"{len(images)} images and labels of shape {labels.shape}; expected {n} of each"
         )
     if host_resize:
-        stacked = np.stack([resize_image(im, image_size) for im in images])
+        stacked = np.stack([resize_image(im, image_size, preprocessing) for im in images])
     elif isinstance(images, np.ndarray):
         stacked = images
     else:
@@ -217,7 +217,7 @@ def make_batch(
             f"{getattr(source, 'image_shape', None)} but read({start}, {stop}) returned a list "
             "of images; a source with a fixed image shape must return a stacked array"
         )
-    if stacked.dtype != np.uint8:
+    if stacked.dtype != np.uint8 and not (host_resize and stacked.dtype == np.float32):
         raise ValueError(f"images must be uint8, got {stacked.dtype}")
     if n < batch_size:  # pad to the compiled shape; padded rows are dropped after the forward pass
         pad = np.zeros((batch_size - n, *stacked.shape[1:]), stacked.dtype)

@@ -136,6 +136,8 @@ def numpy_vit(flat, config, raw_images):
         x = x[:, 0]
     elif config.pool == "gap":
         x = x.mean(1)
+    elif config.pool == "0":
+        x = x[:, 0]
     else:
         probe = np.broadcast_to(p["MAPHead_0/probe"], (n, 1, config.width))
         y = _attention(probe, x, p, "MAPHead_0/MultiHeadDotProductAttention_0")
@@ -275,7 +277,13 @@ def test_feature_dim_follows_the_head():
         "representation_size": 32,
         "num_classes": 21843,
     }
-    assert vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)})["pool"] == "gap"
+    with pytest.raises(ValueError, match="neither a \\[cls\\] token nor a MAP head"):
+        vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)})
+    for pool in ("gap", "0", "none"):
+        head = vit.head_config_from_shapes({"embedding/kernel": (4, 4, 3, 64)}, pool)
+        assert head["pool"] == pool
+    with pytest.raises(ValueError, match="pool_type is 'gap' but checkpoint .* has a \\[cls\\]"):
+        vit.head_config_from_shapes({"cls": (1, 1, 64)}, "gap")
     assert vit.head_config_from_shapes({"MAPHead_0/probe": (1, 1, 64)})["pool"] == "map"
     assert vit.head_config_from_shapes({"params/cls": (1, 1, 64)})["pool"] == "tok"
 
@@ -475,7 +483,8 @@ def test_get_backbone_from_a_spec_end_to_end(tmp_path):
     assert backbone.name == "vit_tiny"
     assert backbone.native_image_size == SIZE
     assert backbone.feature_dim == 64
-    assert "127.5" in backbone.preprocessing
+    assert "127.5" in backbone.image_preprocessing.describe()
+    assert backbone.image_preprocessing.name == "big_vision"
     variables, sha256 = backbone.load_variables()
     assert sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
     raw = images()
@@ -491,7 +500,9 @@ def test_get_backbone_from_a_spec_end_to_end(tmp_path):
 def test_get_backbone_reads_the_head_off_the_checkpoint(tmp_path):
     config = tiny_config(pool="gap", representation_size=None, num_classes=None)
     path = save_big_vision(tmp_path / "gap.npz", random_flat_params(config))
-    backbone = get_backbone("vit_gap", spec=spec_for(path))
+    with pytest.raises(ValueError, match="backbones.vit_gap.pool_type"):
+        get_backbone("vit_gap", spec=spec_for(path))
+    backbone = get_backbone("vit_gap", spec=spec_for(path, pool_type="gap"))
     assert backbone.module.config.pool == "gap"
     assert backbone.module.config.num_classes is None
     assert backbone.feature_dim == 64
@@ -501,6 +512,8 @@ def test_get_backbone_spec_errors(tmp_path):
     path = save_big_vision(tmp_path / "tiny.npz", random_flat_params(tiny_config()))
     with pytest.raises(ValueError, match=r"backbones.v: unknown key\(s\) \['pool'\]"):
         get_backbone("v", spec=spec_for(path, pool="gap"))
+    with pytest.raises(ValueError, match=r"backbones.v.pool_type is 'gap' but"):
+        get_backbone("v", spec=spec_for(path, pool_type="gap"))
     with pytest.raises(ValueError, match=r"backbones.v.model is 'resnet'"):
         get_backbone("v", spec={"model": "resnet"})
     with pytest.raises(ValueError, match=r"backbones.v: missing key\(s\) \['checkpoint'\]"):
@@ -519,3 +532,105 @@ def test_get_backbone_efficientnet_spec_is_the_builtin():
     backbone = get_backbone("lite", spec={"model": "efficientnet_lite", "variant": "lite0"})
     assert backbone.name == "lite"
     assert backbone.feature_dim == 1280 and backbone.native_image_size == 224
+
+
+# big_vision variants, two-tower files, pool types, hints and precision.
+
+
+def test_newer_big_vision_variants():
+    assert vit.VARIANTS["mu"] == (32, 1, 128, 2)
+    assert vit.VARIANTS["So400m"] == (1152, 27, 4304, 16)
+    assert vit.VARIANTS["g-opt"] == (1536, 40, 6144, 16)
+    assert vit.VARIANTS["G-opt"] == (1536, 48, 8192, 16)
+    assert vit.VARIANTS["e"] == (1792, 56, 15360, 16)
+    assert vit.get_config("So400m/14", image_size=224).grid_size() == 16
+    assert vit.get_config("g-opt/14", image_size=224).width == 1536
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14"):
+        vit.get_config("So400m/14", image_size=225)
+
+
+def test_siglip_two_tower_file_loads_its_image_tower(tmp_path):
+    config = vit.get_config("mu/4", image_size=SIZE, pool="map", num_classes=16)
+    flat = random_flat_params(config)
+    two_tower = {f"params/img/{k}": v for k, v in flat.items()}
+    two_tower["params/txt/Embed_0/embedding"] = np.zeros((100, 32), np.float32)
+    two_tower["params/t"] = np.ones((1,), np.float32)
+    two_tower["params/b"] = np.zeros((1,), np.float32)
+    path = save_big_vision(tmp_path / "siglip.npz", two_tower)
+    backbone = get_backbone(
+        "siglip", spec={"model": "vit", "variant": "mu/4", "checkpoint": path, "image_size": SIZE}
+    )
+    assert backbone.module.config.pool == "map"
+    assert backbone.image_preprocessing.name == "big_vision"
+    variables, _ = backbone.load_variables()
+    raw = images()
+    out = backbone.module.apply(variables, backbone.preprocess(raw))
+    np.testing.assert_allclose(out["pre_logits"], numpy_vit(flat, config, raw)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["0", "gap"])
+def test_declared_pool_types_without_cls(tmp_path, pool):
+    config = tiny_config(pool=pool, representation_size=None, num_classes=None)
+    flat = random_flat_params(config)
+    path = save_big_vision(tmp_path / "nocls.npz", flat)
+    backbone = get_backbone("v", spec=spec_for(path, pool_type=pool))
+    variables, _ = backbone.load_variables()
+    raw = images()
+    out = backbone.module.apply(variables, backbone.preprocess(raw))
+    np.testing.assert_allclose(out["pre_logits"], numpy_vit(flat, config, raw)[0], atol=1e-4)
+    with pytest.raises(ValueError, match="pool_type is 'none'"):
+        get_backbone("v", spec=spec_for(path, pool_type="none"))
+    none = vit.ViT(vit.get_config("tiny/4", image_size=SIZE, pool="none"))
+    tokens = none.apply(variables, backbone.preprocess(raw))["pre_logits"]
+    assert tokens.shape == (3, 64, 64)
+
+
+def test_errors_say_what_the_file_looks_like_and_hint_the_patch_size(tmp_path):
+    flat = random_flat_params(tiny_config())
+    path = save_big_vision(tmp_path / "tiny.npz", {f"params/{k}": v for k, v in flat.items()})
+    other = vit.get_config(
+        "tiny/8", image_size=SIZE, pool="tok", representation_size=64, num_classes=10
+    )
+    with pytest.raises(CheckpointMismatchError) as info:
+        vit.load_variables(path, other)
+    message = str(info.value)
+    assert "it looks like ViT-tiny/4 with pool_type 'tok'" in message
+    assert "use variant 'tiny/4'" in message
+    # Parameters are named as in the file, prefix included.
+    assert "mis-shaped: params/embedding/kernel (4, 4, 3, 64)" in message
+
+
+def test_old_layout_errors_use_the_file_numbering(tmp_path):
+    config = tiny_config()
+    flat = random_flat_params(config)
+    old = to_old_layout(flat, np.zeros((1, 1, 64), np.float32))
+    old["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"] = np.zeros((64, 7), np.float32)
+    path = save_big_vision(tmp_path / "old.npz", old)
+    with pytest.raises(CheckpointMismatchError) as info:
+        vit.load_variables(path, config)
+    assert "mis-shaped: Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel (64, 7)" in str(
+        info.value
+    )
+
+
+def test_a_directory_checkpoint_gets_its_own_message(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    save_big_vision(tmp_path / "ckpt" / "model.npz", random_flat_params(tiny_config()))
+    with pytest.raises(FileNotFoundError, match=r"is a directory .* \['model.npz'\]"):
+        get_backbone("v", spec=spec_for(tmp_path / "ckpt"))
+
+
+def test_vit_matmuls_use_the_declared_precision(tmp_path):
+    flat = random_flat_params(tiny_config())
+    path = save_big_vision(tmp_path / "tiny.npz", flat)
+    for dtype, wanted in (("float32", "HIGHEST"), ("bfloat16", "DEFAULT")):
+        backbone = get_backbone("v", dtype=dtype, spec=spec_for(path))
+        jaxpr = jax.make_jaxpr(backbone.module.apply)(variables_of(flat), images())
+        eqns = [
+            e
+            for e in jaxpr.jaxpr.eqns
+            if e.primitive.name in ("dot_general", "conv_general_dilated")
+        ]
+        assert len(eqns) > 10
+        for e in eqns:
+            assert wanted in str(e.params["precision"]), (e.primitive.name, e.params["precision"])

@@ -181,7 +181,8 @@ def test_variable_size_source_gives_a_valid_store(tmp_path, variable_size_source
     store = fs.FeatureStore(path)
     x, y = store.read_all()
     assert x.shape == (40, 1280) and np.isfinite(x).all() and y.tolist() == src.labels.tolist()
-    assert store.attrs["preprocessing"].startswith("Pillow bilinear resize on the host to 32px")
+    assert store.attrs["preprocessing"].startswith("resize on the host to 32px (efficientnet_lite")
+    assert store.attrs["matmul_precision"] == "highest"
 
 
 def test_settings_are_validated():
