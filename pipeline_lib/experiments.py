@@ -38,13 +38,15 @@ import yaml
 
 from pipeline_lib.heads import HEADS, STATS_HEADS, make_head
 from pipeline_lib.privacy.accounting import ACCOUNTANTS, check_budget
+from pipeline_lib.privacy.selection import trials_shape
 
 SPLITS = ("train", "test")
 SCHEMA_PATH = (
     Path(__file__).resolve().parents[1] / "workflow" / "schemas" / ("experiments.schema.yaml")
 )
 MAX_CANDIDATES = 64
-SELECTIONS = ("private", "public")
+SELECTIONS = ("private", "public", "repeat_and_select")
+HOLDOUT_SELECTIONS = ("private", "repeat_and_select")  # both hold out a validation part
 EXPERIMENT_DEFAULTS = {
     "accountant": "pld",
     "methods": {},
@@ -53,6 +55,7 @@ EXPERIMENT_DEFAULTS = {
     "noise": {"mode": "secret"},
 }
 TUNING_DEFAULTS = {"validation_fraction": 0.1, "public_dataset": None}
+RS_KEYS = ("mean_trials", "trials_law", "trials_shape")
 
 
 class ConfigError(ValueError):
@@ -285,6 +288,18 @@ def _tuning(exp: dict, where: str, datasets: dict) -> dict | None:
             )
     elif public is not None:
         raise ConfigError(f"{where}: tuning.public_dataset is only used with selection: public")
+    if selection == "repeat_and_select":
+        tuning.setdefault("trials_law", "geometric")
+        try:
+            trials_shape(tuning["trials_law"], tuning.get("trials_shape"))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: tuning: {exc}") from exc
+    else:
+        for key in RS_KEYS:
+            if tuning.get(key) is not None:
+                raise ConfigError(
+                    f"{where}: tuning.{key} is only used with selection: repeat_and_select"
+                )
     return tuning
 
 
@@ -413,7 +428,7 @@ def _expand_uncached(config: dict) -> list[dict]:
                 run_tuning = tuning if tuned else None
                 fraction = (
                     run_tuning["validation_fraction"]
-                    if run_tuning and run_tuning["selection"] == "private"
+                    if run_tuning and run_tuning["selection"] in HOLDOUT_SELECTIONS
                     else None
                 )
                 cands = [

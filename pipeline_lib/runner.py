@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -107,10 +108,19 @@ def _public_quantities(head, *, num_train: int, num_fit: int | None = None, num_
 
 
 def _private_record(
-    head, spec: dict, *, spent: float, event, covered: str, tuning, public: dict
+    head,
+    spec: dict,
+    *,
+    spent: float,
+    event,
+    covered: str,
+    tuning,
+    public: dict,
+    accountant: str | None = None,
 ) -> dict:
     delta = float(spec["delta"])
     reproducible = noise_record(spec)["mode"] == "reproducible"
+    accountant = accountant or head.accountant
     return dict(
         differentially_private=not reproducible,
         public_quantities=public,
@@ -118,7 +128,7 @@ def _private_record(
         target_delta=delta,
         spent_epsilon=spent,
         spent_delta=delta,
-        accountant=head.accountant,
+        accountant=accountant,
         neighboring_relation=accounting.NEIGHBORING_RELATION,
         noise_multipliers=head.noise_multipliers(),
         dp_event=str(event),
@@ -127,7 +137,7 @@ def _private_record(
             method=spec["method"],
             epsilon=spent,
             delta=delta,
-            accountant=head.accountant,
+            accountant=accountant,
             covered=covered,
             tuning=tuning,
             public=public,
@@ -226,6 +236,91 @@ def _run_private_selection(spec, heads, train, timings, key: noise.NoiseKey):
         },
     )
     return record, {"params": fitted[selected], "head": joint.heads[selected]}
+
+
+COVERED_RS = (
+    "the released head weights (head.npz), its hyperparameters and its noisy validation "
+    "score: the best of a random number of trials, each a random candidate; the number of "
+    "trials, the other trials and their scores are never released"
+)
+
+
+def _run_repeat_and_select(spec, heads, train, timings, key: noise.NoiseKey):
+    """Papernot & Steinke's repeat-and-select (see `privacy.selection`).
+
+    Released: the winning trial's weights, hyperparameters and noisy score. Not
+    released, and not written anywhere: the number of trials K, which candidates ran,
+    the losers' scores and the fit time (which would reveal K).
+    """
+    eps, delta = float(spec["epsilon"]), float(spec["delta"])
+    tuning = spec["tuning"]
+    fraction = float(tuning["validation_fraction"])
+    fit_part, validation = RowSubset.split(train, fraction=fraction)
+    mean = float(tuning.get("mean_trials") or max(2, len(heads)))
+    shape = tn.trials_shape(tuning.get("trials_law", "geometric"), tuning.get("trials_shape"))
+    t = time.perf_counter()
+    rs = tn.calibrate_repeat_and_select(
+        heads, epsilon=eps, delta=delta, num_examples=fit_part.num_examples, mean=mean, shape=shape
+    )
+    timings["calibrate"] = time.perf_counter() - t
+    picks = tn.draw_candidates(key, tn.draw_trials(key, mean=mean, shape=shape), len(heads))
+    best = None
+    for i, g in enumerate(picks):
+        trial = key.child("trial", i)
+        cand = spec["candidates"][g]
+        params = _fit(rs.heads[g], spec["method"], fit_part, cand["stats_file"], key=trial)
+        correct = num_correct(validation, params["weights"], params["bias"], **_bounds(heads[g]))
+        score = tn.noisy_score(correct, noise_multiplier=rs.score_noise_multiplier, key=trial)
+        if best is None or score > best[0]:
+            best = (score, int(g), params)
+    if best is None:  # Poisson law, K = 0: the mechanism outputs "nothing" (accounted)
+        d, k = train.feature_dim, train.num_classes
+        best = (None, 0, {"weights": np.zeros((d, k), np.float32), "bias": np.zeros(k, np.float32)})
+    score, selected, params = best
+    law = tuning.get("trials_law", "geometric")
+    how = (
+        f"repeat-and-select (Papernot & Steinke 2022) over {len(heads)} candidates: a random "
+        f"number of trials ({law}, mean {mean:g}), each a random candidate scored by noisy "
+        f"validation accuracy on a held-out {fraction:g} of the training split; only the "
+        "best trial is released"
+    )
+    record = _private_record(
+        rs.heads[selected],
+        spec,
+        spent=rs.spent_epsilon,
+        event=rs.event,
+        covered=COVERED_RS,
+        tuning=how,
+        public=_public_quantities(
+            rs.heads[selected],
+            num_train=train.num_examples,
+            num_fit=fit_part.num_examples,
+            num_val=validation.num_examples,
+        ),
+        accountant="rdp",
+    )
+    record.update(
+        per_run_epsilon=rs.trial_epsilon,
+        epsilon_covers_tuning=True,
+        num_train_fit=fit_part.num_examples,
+        tuning={
+            "selection": "repeat_and_select",
+            "validation_fraction": fraction,
+            "num_candidates": len(heads),
+            "mean_trials": mean,
+            "trials_law": law,
+            "trials_shape": shape if math.isfinite(shape) else None,
+            "selected": selected if score is not None else None,
+            "score_noise_multiplier": rs.score_noise_multiplier,
+            "noise_factor": rs.factor,
+            # the winner's noisy score only (DP); K and the other trials are never written
+            "noisy_validation_accuracy": (
+                None if score is None else float(score) / validation.num_examples
+            ),
+            "candidates": [{"hyperparameters": h.hyperparameters()} for h in rs.heads],
+        },
+    )
+    return record, {"params": params, "head": rs.heads[selected]}
 
 
 def _run_public_selection(spec, heads, train, public_train, public_test, timings, key):
@@ -349,6 +444,10 @@ def run_head(
     elif tuning["selection"] == "private":
         record["noise"] = noise_record(spec)
         private, out = _run_private_selection(spec, heads, train, timings, noise_key(spec))
+        record.update(private)
+    elif tuning["selection"] == "repeat_and_select":
+        record["noise"] = noise_record(spec)
+        private, out = _run_repeat_and_select(spec, heads, train, timings, noise_key(spec))
         record.update(private)
     else:
         if public_train_store is None or public_test_store is None:
