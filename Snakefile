@@ -1,6 +1,6 @@
 # DP image classification from pre-trained features.
 #   snakemake --cores all                       # local, profiles/default applies itself
-#   snakemake --workflow-profile profiles/slurm  # on a SLURM cluster (README)
+#   snakemake --cores all --profile slurm       # on SLURM, after tools/slurm_profile.sh (README)
 # Runs are defined in config/experiments.yaml; see README.md.
 from snakemake.utils import min_version, validate
 
