@@ -4,12 +4,15 @@
 # Runs are defined in config/experiments.yaml; see README.md.
 from snakemake.utils import min_version, validate
 
+from pipeline_lib.experiments import validate_config
+
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
 
+validate_config(config)  # errors for people (key, value, fix); runs before snakemake's own
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
