@@ -148,24 +148,35 @@ def _file_source(files: Sequence[str], head: ReleasedHead) -> tuple[FileImages, 
     return FileImages(files, labels, num_classes), truth is not None
 
 
+def checkpoint_sha256(name: str, backbone_options: dict) -> str:
+    """sha256 of the checkpoint file that backbone ``name`` would load, without loading it."""
+    from pipeline_lib.backbones import checkpoint_path
+    from pipeline_lib.backbones.checkpoints import fetch_checkpoint, sha256_file
+
+    spec = backbone_options.get("spec")
+    if spec is not None and spec.get("model") == "vit":
+        _, sha256 = fetch_checkpoint(
+            str(spec["checkpoint"]),
+            cache_dir=backbone_options.get("cache_dir"),
+            sha256=spec.get("sha256"),
+            allow_network=bool(spec.get("allow_network", False)),
+            config_key=f"backbones.{name}.allow_network",
+        )
+        return sha256
+    builtin = name if spec is None else f"efficientnet_{spec.get('variant')}"
+    return sha256_file(checkpoint_path(builtin))
+
+
 def check_backbone(head: ReleasedHead, backbone_options: dict) -> None:
     """Refuse a backbone whose checkpoint is not the one the head was trained on."""
-    from pipeline_lib.backbones import get_backbone
-
     feats = head.metadata["features"]
     name = feats["backbone"]
-    backbone = get_backbone(name, dtype=feats.get("compute_dtype", "float32"), **backbone_options)
-    _, sha256 = backbone.load_variables(int(feats["image_size"]))
+    sha256 = checkpoint_sha256(name, backbone_options)
     if sha256 != feats.get("checkpoint_sha256"):
         raise ClassifyError(
             f"backbone {name!r}: its checkpoint has sha256 {sha256}, but the head was trained "
             f"on features from checkpoint {feats.get('checkpoint_sha256')}; point "
             f"backbones.{name}.checkpoint in the config at the file the head was trained with"
-        )
-    if backbone.feature_dim != head.weights.shape[0]:
-        raise ClassifyError(
-            f"backbone {name!r} gives {backbone.feature_dim}-d features, the head expects "
-            f"{head.weights.shape[0]}"
         )
 
 
@@ -226,6 +237,13 @@ def classify(
             backbone_options=options,
         )
         store = FeatureStore(store_path)
+        if store.attrs["checkpoint_sha256"] != feats["checkpoint_sha256"]:  # belt and braces
+            raise ClassifyError(f"{head_path}: the checkpoint changed while classifying")
+        if store.feature_dim != head.weights.shape[0]:
+            raise ClassifyError(
+                f"backbone {feats['backbone']!r} gave {store.feature_dim}-d features; the head "
+                f"expects {head.weights.shape[0]}"
+            )
         if store.attrs["preprocessing"] != feats.get("preprocessing"):
             print(
                 f"classify: WARNING: preprocessing differs from training: "

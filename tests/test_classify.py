@@ -196,3 +196,16 @@ def test_command_line_errors_are_for_people(released, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "nowhere: no such file or folder" in proc.stderr
+
+
+def test_checkpoint_sha256_of_a_config_defined_vit_reads_only_the_file(tmp_path):
+    import hashlib
+
+    from pipeline_lib.classify import checkpoint_sha256
+
+    path = tmp_path / "vit.npz"
+    path.write_bytes(b"not even an npz: only its digest is read")
+    spec = {"model": "vit", "variant": "tiny/4", "checkpoint": str(path)}
+    assert (
+        checkpoint_sha256("my_vit", {"spec": spec}) == hashlib.sha256(path.read_bytes()).hexdigest()
+    )
