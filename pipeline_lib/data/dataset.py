@@ -75,6 +75,7 @@ class ImageDataset:
       name: the dataset name, e.g. "fashion_mnist".
       split: the split name, e.g. "train" or "test".
       source: where the data came from (file paths, or "tfds:<name>").
+      class_names: the name of each class, label i is class_names[i]; None if unknown.
     """
 
     images: np.ndarray
@@ -83,6 +84,7 @@ class ImageDataset:
     name: str
     split: str
     source: str
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         where = f"{self.name}/{self.split} (from {self.source})"
@@ -111,6 +113,13 @@ class ImageDataset:
         if self.num_classes < 1:
             raise ValueError(f"{where}: num_classes must be at least 1, got {self.num_classes}")
         object.__setattr__(self, "num_classes", int(self.num_classes))
+        if self.class_names is not None:
+            names = tuple(str(n) for n in self.class_names)
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"{where}: {len(names)} class names for {self.num_classes} classes"
+                )
+            object.__setattr__(self, "class_names", names)
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"{where}: {images.shape[0]} images but {labels.shape[0]} labels; counts must match"

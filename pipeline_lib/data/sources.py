@@ -27,6 +27,9 @@ __all__ = [
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_NUM_CLASSES = 10
+# Label i of Fashion-MNIST (the names of Xiao et al. 2017, as TFDS gives them).
+FASHION_MNIST_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
 _FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}  # our split -> IDX file prefix
 _INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 _NETWORK_KEY = "allow_network: true"
@@ -92,6 +95,7 @@ def _load_fashion_mnist_idx(
         images=_take_first(images, max_examples, total, where),
         labels=_take_first(labels, max_examples, total, where).astype(np.int32),
         num_classes=FASHION_MNIST_NUM_CLASSES,
+        class_names=FASHION_MNIST_CLASS_NAMES,
         name="fashion_mnist",
         split=split,
         source=f"{images_path}, {labels_path}",
@@ -116,6 +120,7 @@ def _load_fashion_mnist_tfds(
         images=np.ascontiguousarray(images),
         labels=labels.astype(np.int32),
         num_classes=FASHION_MNIST_NUM_CLASSES,
+        class_names=FASHION_MNIST_CLASS_NAMES,
         name="fashion_mnist",
         split=split,
         source="tfds:fashion_mnist",

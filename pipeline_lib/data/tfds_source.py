@@ -158,6 +158,7 @@ class TfdsSource:
         image_key: str = "image",
         label_key: str = "label",
         image_shape: tuple[int, ...] | None = None,
+        class_names: tuple[str, ...] | None = None,
     ) -> None:
         if image_shape is not None:
             # One fixed shape for every record (e.g. cifar10): the extractor resizes on
@@ -174,6 +175,7 @@ class TfdsSource:
         self._records = records
         self._num_examples = int(num_examples)
         self._num_classes = int(num_classes)
+        self.class_names = tuple(class_names) if class_names else None
         self.decode_threads = default_decode_threads()
         self._lock = threading.Lock()
 
@@ -375,7 +377,16 @@ def open_tfds(name: str, spec: Mapping, split: str) -> TfdsSource:
         image_key=image_key,
         label_key=label_key,
         image_shape=_fixed_shape(features[image_key]),
+        class_names=_class_names(features[label_key], num_classes),
     )
+
+
+def _class_names(feature: Any, num_classes: int) -> tuple[str, ...] | None:
+    """The label feature's class names (TFDS ClassLabel.names), when it has one per class."""
+    names = getattr(feature, "names", None)
+    if not names or len(names) != num_classes:
+        return None
+    return tuple(str(n) for n in names)
 
 
 def _fixed_shape(feature: Any) -> tuple[int, ...] | None:

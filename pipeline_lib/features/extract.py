@@ -186,8 +186,17 @@ def store_attrs(
         "split": source.split,
         "source": source.source,
         "num_classes": int(source.num_classes),
+        # label i is class_names[i]; released heads carry them (null when the source has none)
+        "class_names": _class_names(source),
         "code_version": pipeline_lib.__version__,
     }
+
+
+def _class_names(source) -> list[str] | None:
+    names = getattr(source, "class_names", None)
+    if not names or len(names) != int(source.num_classes):
+        return None
+    return [str(n) for n in names]
 
 
 def _load(backbone_name: str, settings, image_size: int, backbone_options: Mapping | None):

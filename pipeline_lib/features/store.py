@@ -5,8 +5,8 @@ Layout of a finished store at ``PATH`` (for example ``.../train.zarr``)::
     features  float32 (N, d), chunked along N only
     labels    int32   (N,),   same row chunking
     attrs     backbone, checkpoint_sha256, preprocessing, image_size, dataset,
-              split, num_examples, feature_dim, num_classes, chunk_rows,
-              num_chunks, code_version, complete=True
+              split, num_examples, feature_dim, num_classes, class_names (or
+              null), chunk_rows, num_chunks, code_version, complete=True
 
 While it is being built, everything lives in a work directory
 ``PATH.inprogress/`` that holds the Zarr group (``store.zarr``) and one done

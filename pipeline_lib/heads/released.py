@@ -4,7 +4,11 @@ head.npz holds the released weights and bias and, as JSON under `metadata`,
 everything in the run's metrics.json: method, privacy guarantee (target and
 spent epsilon, delta, accountant, neighbouring relation, noise multipliers,
 dp_event, privacy statement), the hyperparameters, and the feature bound
-(l2_clip_norm, feature_transform) that `predict` must apply to new features.
+(l2_clip_norm, feature_transform) that `predict` must apply to new features,
+the class names (label i is ``class_names[i]``) and, under ``features``, how the
+training features were made (backbone, checkpoint sha256, image size,
+preprocessing including the resize, dtype, batch shape), so that
+``python -m pipeline_lib.classify`` computes features of new images the same way.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ class ReleasedHead:
         return self.private and self.metadata.get("differentially_private") is True
 
     @property
+    def class_names(self) -> list[str]:
+        """Label i's name; the label index as text for heads released without names."""
+        names = self.metadata.get("class_names")
+        if names and len(names) == self.weights.shape[1]:
+            return [str(n) for n in names]
+        return [str(i) for i in range(self.weights.shape[1])]
+
+    @property
     def epsilon(self) -> float | None:
         return self.metadata.get("spent_epsilon")
 
@@ -62,6 +74,23 @@ class ReleasedHead:
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Predicted class per row of `features` (backbone pre-logits, as in the store)."""
         return np.argmax(self.logits(features), axis=-1)
+
+
+# Store attributes that decide how features of new images must be computed.
+FEATURE_KEYS = ("backbone", "checkpoint_sha256", "image_size", "preprocessing",
+                "compute_dtype", "batch_size", "chunk_rows", "feature_dim", "dataset",
+                "source")  # fmt: skip
+
+
+def feature_provenance(train_store) -> dict:
+    """What a released head records about its features (from the training store's attrs):
+    ``class_names`` and ``features`` (see the module docstring). Public: the store's
+    attributes describe the pipeline, not the private examples."""
+    attrs = train_store.attrs
+    return {
+        "class_names": attrs.get("class_names"),
+        "features": {k: attrs[k] for k in FEATURE_KEYS if k in attrs},
+    }
 
 
 def load_head(path: str | os.PathLike) -> ReleasedHead:

@@ -262,3 +262,11 @@ def test_register_dataset(monkeypatch):
     assert load_dataset("tiny", "train").image_shape == (4, 4, 3)
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("tiny", tiny)
+
+
+def test_fashion_mnist_class_names_follow_the_labels():
+    from pipeline_lib.data.sources import FASHION_MNIST_CLASS_NAMES
+
+    assert len(FASHION_MNIST_CLASS_NAMES) == 10
+    assert FASHION_MNIST_CLASS_NAMES[0] == "T-shirt/top"
+    assert FASHION_MNIST_CLASS_NAMES[9] == "Ankle boot"

@@ -332,3 +332,10 @@ def test_fixed_shape_datasets_declare_image_shape_variable_ones_do_not():
         assert cifar.read(0, 4)[0].shape == (4, 32, 32, 3)
         assert not hasattr(imagenet, "image_shape")
         assert isinstance(imagenet.read(0, 2)[0], list)
+
+
+def test_class_names_come_from_the_label_feature(mock_tfds):
+    data = _open("cifar10")
+    names = data._records.dataset_info.features["label"].names  # what TFDS says (mock: "0"..)
+    assert data.class_names == tuple(names)
+    assert len(data.class_names) == data.num_classes == 10

@@ -1,10 +1,12 @@
 """The tiny workflow through a live single-node SLURM (slurmctld + slurmd + munged on localhost).
 
-The cluster comes from tools/slurm/local_cluster.sh; the snakemake command is the one that
-README.md's "Running on a cluster" section gives for clusters without slurmdbd, read from the
-README itself, plus --directory/--configfile for the tiny config. CI runs as root, after
-tools/setup_env.sh has installed the Debian packages, so there this test must run; elsewhere
-it skips unless it may start daemons (root or passwordless sudo) and the packages are present.
+The cluster comes from tools/slurm/local_cluster.sh. The site profile is written by the
+`bash tools/slurm_profile.sh ...` command that README.md's "Running on a cluster" section gives
+for clusters without slurmdbd (read from the README itself) into a temporary XDG_CONFIG_HOME,
+and the workflow runs with exactly `snakemake --cores all --profile slurm`, plus
+--directory/--configfile for a tiny config. CI runs as root, after tools/setup_env.sh has
+installed the Debian packages, so there this test must run; elsewhere it skips unless it may
+start daemons (root or passwordless sudo) and the packages are present.
 """
 
 import os
@@ -18,29 +20,46 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline_lib.job_resources import RULE_REQUESTS
+
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_TESTS = ROOT / "tests" / "workflow"
 CLUSTER = ROOT / "tools" / "slurm" / "local_cluster.sh"
-PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+PROFILE_TOOL = ROOT / "tools" / "slurm_profile.sh"
+COMMAND = ["snakemake", "--cores", "all", "--profile", "slurm"]  # as the README promises
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 pytestmark = pytest.mark.slow
 
 
-def readme_command() -> list[str]:
-    """The CI variant of the cluster command, exactly as README.md prints it."""
+def readme_profile_command() -> list[str]:
+    """The CI variant of the profile command, exactly as README.md prints it."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Running on a cluster") :]
     section = section[: section.index("\n## ", 1)]
     lines = [
         line.strip()
         for line in section.splitlines()
-        if line.strip().startswith("snakemake --workflow-profile profiles/slurm")
-        and "slurm_partition=ci" in line
+        if line.strip().startswith("bash tools/slurm_profile.sh") and "--partition ci" in line
     ]
-    assert len(lines) == 1, f"README must show exactly one CI cluster command, found {lines}"
+    assert len(lines) == 1, f"README must show exactly one CI profile command, found {lines}"
+    assert COMMAND_TEXT in section, f"README must show {COMMAND_TEXT!r}"
     return shlex.split(lines[0])
+
+
+COMMAND_TEXT = " ".join(COMMAND)
+
+
+def tiny_experiments() -> dict:
+    """The tiny config cut to one job per kind where it can be (12 SLURM jobs, not 31):
+    every rule still runs, and each job is checked against its rule's request."""
+    exps = yaml.safe_load((WORKFLOW_TESTS / "experiments.yaml").read_text())
+    tiny = exps["experiments"]["tiny"]
+    tiny.update(epsilons=[1], seeds=[0])
+    tiny["methods"] = {k: tiny["methods"][k] for k in ("dp_ls", "dp_sgd")}
+    tiny["baselines"] = {"nonprivate_ridge": tiny["baselines"]["nonprivate_ridge"]}
+    return {"experiments": {"tiny": tiny}}
 
 
 def _as_root() -> list[str] | None:
@@ -59,9 +78,9 @@ def _has(binary: str) -> bool:
 
 
 def _profile_floor() -> dict[str, str]:
-    """Node size (CPUs, MB) for local_cluster.sh: room for two of the profile's biggest jobs."""
-    threads = max(int(v) for v in PROFILE["set-threads"].values())
-    mem_mb = max(int(r.get("mem_mb", 0)) for r in PROFILE["set-resources"].values())
+    """Node size (CPUs, MB) for local_cluster.sh: room for two of the biggest requests."""
+    threads = max(r.cpus for r in RULE_REQUESTS.values())
+    mem_mb = max(r.mem_mb for r in RULE_REQUESTS.values())
     return {"SLURM_LOCAL_MIN_CPUS": str(2 * threads), "SLURM_LOCAL_MIN_MEM_MB": str(2 * mem_mb)}
 
 
@@ -105,12 +124,23 @@ def cluster(tmp_path_factory):
         print(stop.stdout, stop.stderr)
 
 
-def snakemake_slurm(workdir: Path, timeout: int) -> subprocess.CompletedProcess:
-    cmd = readme_command()
-    assert cmd[0] == "snakemake"
-    cmd = [sys.executable, "-m", *cmd]
+@pytest.fixture(scope="module")
+def site_profile(tmp_path_factory) -> Path:
+    """XDG_CONFIG_HOME holding the `slurm` profile that the README's command writes."""
+    xdg = tmp_path_factory.mktemp("xdg")
+    cmd = readme_profile_command()
+    assert cmd[:2] == ["bash", "tools/slurm_profile.sh"]
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (xdg / "snakemake" / "slurm" / "config.yaml").is_file()
+    return xdg
+
+
+def snakemake_slurm(workdir: Path, xdg: Path, timeout: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", *COMMAND]
     cmd += ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]
-    env = dict(os.environ)
+    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -156,18 +186,19 @@ def rule_of(job: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster, tmp_path_factory):
+def slurm_run(cluster, site_profile, tmp_path_factory):
     work = tmp_path_factory.mktemp("wf-slurm")
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(WORKFLOW_TESTS / name, work / name)
-    proc = snakemake_slurm(work, timeout=1200)
+    shutil.copy(WORKFLOW_TESTS / "config.yaml", work / "config.yaml")
+    (work / "experiments.yaml").write_text(yaml.safe_dump(tiny_experiments()))
+    proc = snakemake_slurm(work, site_profile, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    return work, out
+    assert "Using profiles slurm" in out or "Using profile slurm" in out, out[:2000]
+    return work, out, site_profile
 
 
 def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
-    work, out = slurm_run
+    work, out, _ = slurm_run
     counts = job_stats(out)
     ids = SUBMITTED.findall(out)
     # every job except the target rule `all` (which runs nothing) was an sbatch submission
@@ -184,32 +215,40 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
     finished = dict(line.split("|") for line in squeue.split())
     jobcomp = (cluster / "log" / "jobcomp.txt").read_text()
     per_rule: dict[str, int] = {}
+    seen: dict[str, tuple] = {}
     for job_id in ids:
         assert finished.get(job_id) == "COMPLETED", (job_id, finished)
         assert re.search(rf"JobId={job_id} .*JobState=COMPLETED", jobcomp), job_id
         job = slurm_job(job_id)
         rule = rule_of(job)
         per_rule[rule] = per_rule.get(rule, 0) + 1
-        want = PROFILE["set-resources"][rule]
+        want = RULE_REQUESTS[rule]
+        seen[rule] = (job["NumCPUs"], job["MinMemoryNode"], job.get("TresPerJob", ""))
         assert job["Partition"] == "ci"
-        assert job["NumCPUs"] == str(PROFILE["set-threads"][rule]), (rule, job["NumCPUs"])
-        assert memory_mb(job["MinMemoryNode"]) == want["mem_mb"], (rule, job["MinMemoryNode"])
-        if want.get("gpu"):
-            assert job.get("TresPerJob") == f"gres:gpu:{want['gpu']}", (rule, job)
+        assert job["NumCPUs"] == str(want.cpus), (rule, job["NumCPUs"])
+        assert memory_mb(job["MinMemoryNode"]) == want.mem_mb, (rule, job["MinMemoryNode"])
+        assert job["TimeLimit"] == f"{want.runtime // 60:02d}:{want.runtime % 60:02d}:00", (
+            rule,
+            job["TimeLimit"],
+        )
+        if want.gpus:
+            assert job.get("TresPerJob") == f"gres:gpu:{want.gpus}", (rule, job)
         else:
             assert "gpu" not in job.get("TresPerJob", ""), (rule, job)
+    print("resources per rule (NumCPUs, MinMemoryNode, TresPerJob):", seen)
     assert per_rule == {r: n for r, n in counts.items() if r not in ("all", "total")}
-    assert any(PROFILE["set-resources"][r].get("gpu") for r in per_rule), "no GPU job ran"
+    assert set(per_rule) == set(RULE_REQUESTS), "every rule must have run through SLURM"
+    assert any(RULE_REQUESTS[r].gpus for r in per_rule), "no GPU job ran"
 
     report = work / "results" / "reports" / "tiny"
     for name in ("summary.csv", "summary.md", "accuracy_vs_epsilon.png"):
         assert (report / name).stat().st_size > 0
-    # every head run of every experiment (tiny and tiny_tuned) wrote its metrics
+    # every head run wrote its metrics
     assert len(list((work / "results" / "runs").rglob("metrics.json"))) == counts["fit_head"]
 
 
 def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster, slurm_run):
-    work, _ = slurm_run
+    work, _, xdg = slurm_run
     exps = yaml.safe_load((work / "experiments.yaml").read_text())
     tiny = exps["experiments"]["tiny"]
     # Same features as `tiny`; a DP-SGD expected batch larger than the training split
@@ -225,7 +264,7 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     }
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
 
-    failed = snakemake_slurm(work, timeout=600)
+    failed = snakemake_slurm(work, xdg, timeout=600)
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0, out[-4000:]
     assert job_stats(out) == {
@@ -257,7 +296,7 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
 
     exps["experiments"]["broken"]["methods"]["dp_sgd"]["batch_size"] = 128  # the fix
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
-    rerun = snakemake_slurm(work, timeout=600)
+    rerun = snakemake_slurm(work, xdg, timeout=600)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-6000:]
     # only the failed head and the reports that waited for it

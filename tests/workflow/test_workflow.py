@@ -246,7 +246,10 @@ def _report_text(path: Path) -> str:
         ("unknown_method", r"'dp_magic' was unexpected"),
         ("unknown_backbone", r"backbone 'resnet9000' is unknown"),
         ("unknown_dataset", r"dataset 'imagenet_typo' is not defined"),
-        ("missing_data", r"datasets.fashion_mnist_tiny.data_dir: '/nonexistent/fmnist' does not"),
+        (
+            "missing_data",
+            r"datasets.fashion_mnist_tiny.data_dir: /nonexistent/fmnist does not hold",
+        ),
     ],
 )
 def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, edit, match):

@@ -1,6 +1,7 @@
 # Shared setup: the experiments file, the run table and path helpers.
 # All logic lives in pipeline_lib.experiments so that pytest can reach it.
 from pipeline_lib import experiments as xp
+from pipeline_lib.job_resources import rule_resources  # CPUs, memory, runtime, GPUs per rule
 
 # Duplicate keys, unknown keys, wrong types, empty grids: each a ConfigError naming
 # the experiment, the key and the value (schema: workflow/schemas/experiments.schema.yaml).

@@ -21,7 +21,7 @@ rule init_store:
         store=lambda w: EP["store"].format(**dict(w.items())),
     threads: 1
     resources:
-        mem_mb=4000,
+        **rule_resources("init_store"),
     message:
         "Creating the {wildcards.backbone} feature store of "
         "{wildcards.dataset}/{wildcards.split} at {wildcards.image_size}px"
@@ -43,7 +43,7 @@ rule extract_shard:
         store=lambda w: EP["store"].format(**dict(w.items())),
     threads: workflow.cores
     resources:
-        mem_mb=8000,
+        **rule_resources("extract_shard"),
     message:
         "Extracting {wildcards.backbone} features of {wildcards.dataset}/{wildcards.split} "
         "at {wildcards.image_size}px: shard {wildcards.shard} of {wildcards.num_shards}"
@@ -66,7 +66,7 @@ rule finalize_store:
         settings=lambda w: xp.extraction_store_settings(config, w.dataset, w.backbone),
     threads: 1
     resources:
-        mem_mb=4000,
+        **rule_resources("finalize_store"),
     message:
         "Checking and publishing {output.store}"
     conda:

@@ -13,7 +13,7 @@ rule compute_stats:
         transform=lambda w: w.transform,
         part=lambda w: w.part,
     resources:
-        mem_mb=4000,
+        **rule_resources("compute_stats"),
     message:
         "Streaming X^T X and X^T Y of {wildcards.dataset}/{wildcards.backbone} "
         "({wildcards.part}; not released)"
@@ -34,7 +34,7 @@ rule fit_head:
     params:
         spec=run_spec,
     resources:
-        mem_mb=4000,
+        **rule_resources("fit_head"),
     message:
         "Fitting {wildcards.method} ({wildcards.budget}, seed {wildcards.seed}) "
         "for {wildcards.experiment} on {wildcards.dataset}/{wildcards.backbone}"

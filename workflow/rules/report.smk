@@ -32,6 +32,8 @@ rule report_experiment:
         f"{R}/logs/report_experiment/{{experiment}}.log",
     params:
         title=lambda w: config["experiments"][w.experiment].get("description", w.experiment),
+    resources:
+        **rule_resources("report_experiment"),
     message:
         "Summarising {wildcards.experiment}"
     conda:
@@ -63,6 +65,8 @@ rule report_index:
         f"{R}/logs/report_index.log",
     params:
         descriptions={k: v.get("description", "") for k, v in config["experiments"].items()},
+    resources:
+        **rule_resources("report_index"),
     message:
         "Cross-experiment index and privacy ledger"
     conda:
