@@ -202,17 +202,23 @@ def init_store(
     image_size: int,
     settings: ExtractionSettings,
     backbone_options: Mapping | None = None,
+    recipe: Mapping | None = None,
 ) -> dict:
     """Create the work directory of the store at ``out_path`` once (or check it); return its attrs.
 
-    Raises StoreError if a work directory made with other settings (another
-    checkpoint, image size, chunk_rows, N, dtype, batch size...) exists.
+    A work directory made with other settings (another checkpoint, image size,
+    chunk_rows, N, dtype, batch size...) is replaced: none of its chunks could be
+    reused. ``recipe`` (how to reopen the source, see
+    :func:`pipeline_lib.features.verify.make_recipe`) is kept in the store's
+    manifest so that damaged chunks can be re-extracted later.
     """
     _check_image_size(image_size)
     backbone, _, sha256 = _load(backbone_name, settings, image_size, backbone_options)
     attrs = store_attrs(source, backbone, sha256, image_size, settings)
     shape = _shape_args(source, backbone, settings)
-    fstore.create_store(out_path, attrs=attrs, **shape)
+    fstore.create_store(
+        out_path, attrs=attrs, recipe=None if recipe is None else dict(recipe), **shape
+    )
     return fstore.partial_attrs(out_path)
 
 
@@ -246,7 +252,7 @@ def extract_shard(
     if chunks is not None:
         wanted = set(chunks)
         mine = [c for c in mine if c in wanted]
-    pending = set(fstore.pending_chunks(out_path))
+    pending = set(fstore.pending_chunks(out_path, mine, verify=True))
     todo = [c for c in mine if c in pending]
     log.info(
         "shard %d/%d of %s: chunks [%s], %d already done, %d to do",
@@ -473,6 +479,7 @@ def extract_to_store(
     prefetch_batches: int = 2,
     decode_threads: int = 1,
     backbone_options: Mapping | None = None,
+    recipe: Mapping | None = None,
 ) -> dict:
     """Extract features of ``dataset`` (an ImageSource) into ``out_path`` in one process.
 
@@ -495,7 +502,7 @@ def extract_to_store(
         settings=settings,
         backbone_options=backbone_options,
     )
-    init_store(dataset, **common)
+    init_store(dataset, recipe=recipe, **common)
     stats = extract_shard(dataset, chunks=chunks, progress=progress, **common)
     if finalize and not fstore.pending_chunks(out_path):
         finalize_extraction(out_path, [stats])
