@@ -497,16 +497,25 @@ def finalize_store(path: str | os.PathLike, extra_attrs: dict[str, Any] | None =
         raise ValueError(f"extra_attrs would overwrite store attributes {clash}")
     group.attrs.update(extra)
     group.attrs["complete"] = True
-    recipe = None
-    if _recipe_path(path).exists():
-        recipe = json.loads(_recipe_path(path).read_text())
-    _write_json_atomic(root / MANIFEST, _manifest_payload(root, records, recipe))
-    shutil.rmtree(work_dir(path) / "done")
+    _write_json_atomic(root / MANIFEST, _manifest_payload(root, records, _recipe(path)))
+    if (work_dir(path) / "done").exists():
+        shutil.rmtree(work_dir(path) / "done")
+    _recipe_path(path).unlink(missing_ok=True)  # in the manifest now
     final = Path(path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(root, final)
     shutil.rmtree(work_dir(path))
+
+
+def _recipe(path) -> dict | None:
+    """The recipe of the partial store: its file, or the manifest of a killed finalize."""
+    if _recipe_path(path).exists():
+        return json.loads(_recipe_path(path).read_text())
+    try:
+        return _load_manifest(_group_path(path), _group_path(path)).get("recipe")
+    except StoreError:
+        return None
 
 
 def _done_records(path, total: int) -> list[dict | None]:
@@ -576,6 +585,32 @@ def _load_manifest(root: Path, store) -> dict:
     return manifest
 
 
+def check_manifest_matches(root: Path, store, manifest: dict) -> None:
+    """Raise when the manifest describes another store's files (e.g. copied from another run).
+
+    A damaged file shows as one metadata file or a few chunks that differ; a foreign
+    manifest as metadata that differs together with most chunk files.
+    """
+    meta_off = False
+    for name in METADATA_FILES:
+        p, rec = root / name, manifest["metadata"][name]
+        if not p.exists() or p.stat().st_size != rec["size"]:
+            meta_off = True
+        elif integrity.digest_file(p) != rec["sha256"]:
+            meta_off = True
+    chunks = manifest["chunks"]
+    off = sum(1 for r in chunks if any(_piece_fault(root, r[a], full=False) for a in _ARRAYS))
+    if meta_off and len(chunks) > 1 and 2 * off > len(chunks):
+        raise StoreDamagedError(
+            store,
+            root / MANIFEST,
+            "mismatch",
+            f"it does not describe this store: its metadata and {off} of {len(chunks)} chunk "
+            "files differ from it (e.g. a manifest copied from another run)",
+            rebuild_command(store),
+        )
+
+
 def _check_layout(store: Path, meta: dict, name: str, chunk_rows: int, feature_dim: int) -> None:
     """The array layout the verified reader decodes: little-endian bytes + zstd, default keys."""
     codecs = [c.get("name") for c in meta.get("codecs", [])]
@@ -611,6 +646,7 @@ class FeatureStore:
             raise StoreError(f"{self.path}: feature store not found{hint}")
         self.repair = repair_command(self.path)
         self.manifest = _load_manifest(self.path, self.path)
+        check_manifest_matches(self.path, self.path, self.manifest)
         meta = {}
         for name in METADATA_FILES:
             rec = self.manifest["metadata"][name]

@@ -107,6 +107,7 @@ def verify_store(path: str | os.PathLike) -> list[fstore.StoreDamagedError]:
     """
     path = Path(path)
     manifest = fstore._load_manifest(path, path)
+    fstore.check_manifest_matches(path, path, manifest)
     return _metadata_faults(path, manifest) + _chunk_faults(path, manifest)
 
 
@@ -181,6 +182,7 @@ def repair_store(
     """
     path = Path(path)
     manifest = fstore._load_manifest(path, path)
+    fstore.check_manifest_matches(path, path, manifest)
     metadata = [Path(e.path).relative_to(path).as_posix() for e in _metadata_faults(path, manifest)]
     for name in metadata:
         text = manifest["metadata_text"][name].encode()
