@@ -74,7 +74,10 @@ def load_head(path: str | os.PathLike, *, repair: str | None = None) -> Released
         raise integrity.IntegrityError(path, "missing", "the head file is gone", fix) from None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise integrity.IntegrityError(
-            path, "unreadable", f"not a released head file ({exc})", fix
+            path,
+            "checksum" if "CRC" in str(exc) else "unreadable",
+            f"not a released head file ({exc})",
+            fix,
         ) from None
     if recorded is None:
         raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)

@@ -158,7 +158,12 @@ def load_stats(path: str | os.PathLike, *, data=None) -> SuffStats:
         ) from None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise integrity.IntegrityError(
-            path, "unreadable", f"not a readable statistics file ({exc})", fix
+            path,
+            "checksum" if "CRC" in str(exc) else "unreadable",
+            f"its bytes were altered ({exc})"
+            if "CRC" in str(exc)
+            else f"not a readable statistics file ({exc})",
+            fix,
         ) from None
     if recorded is None:
         raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)
