@@ -25,6 +25,7 @@ import numpy as np
 
 __all__ = [
     "ALGORITHM",
+    "unreadable_npz",
     "FAULTS",
     "IntegrityError",
     "arrays_digest",
@@ -86,6 +87,14 @@ def arrays_digest(named: Mapping[str, object]) -> str:
         h.update(a.tobytes() if a.dtype.kind != "U" else str(a).encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def unreadable_npz(path, exc: Exception, what: str, repair: str) -> IntegrityError:
+    """The error for an .npz that numpy/zipfile could not read: altered bytes (a zip
+    CRC-32 mismatch) are a checksum fault; anything else (truncated, not a zip) unreadable."""
+    if "CRC" in str(exc):
+        return IntegrityError(path, "checksum", f"its bytes were altered ({exc})", repair)
+    return IntegrityError(path, "unreadable", f"not a readable {what} ({exc})", repair)
 
 
 def check_file(path: Path, size: int | None, sha256: str | None, repair: str, what: str) -> bytes:

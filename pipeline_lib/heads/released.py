@@ -73,12 +73,7 @@ def load_head(path: str | os.PathLike, *, repair: str | None = None) -> Released
     except FileNotFoundError:
         raise integrity.IntegrityError(path, "missing", "the head file is gone", fix) from None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise integrity.IntegrityError(
-            path,
-            "checksum" if "CRC" in str(exc) else "unreadable",
-            f"not a released head file ({exc})",
-            fix,
-        ) from None
+        raise integrity.unreadable_npz(path, exc, "released head file", fix) from None
     if recorded is None:
         raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)
     if integrity.arrays_digest(head_members(weights, bias, str(text))) != recorded:

@@ -157,14 +157,7 @@ def load_stats(path: str | os.PathLike, *, data=None) -> SuffStats:
             path, "missing", "the statistics file is gone", fix
         ) from None
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise integrity.IntegrityError(
-            path,
-            "checksum" if "CRC" in str(exc) else "unreadable",
-            f"its bytes were altered ({exc})"
-            if "CRC" in str(exc)
-            else f"not a readable statistics file ({exc})",
-            fix,
-        ) from None
+        raise integrity.unreadable_npz(path, exc, "statistics file", fix) from None
     if recorded is None:
         raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)
     if integrity.arrays_digest(members) != recorded:
