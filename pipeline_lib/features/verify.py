@@ -228,6 +228,14 @@ def _n_rows(manifest: dict) -> tuple[int, int]:
     return int(attrs["num_examples"]), int(attrs["chunk_rows"])
 
 
+def _describe_repair(store, done: dict) -> str:
+    what = list(done["metadata"])
+    if done["chunks"]:
+        manifest = fstore._load_manifest(Path(store), store)
+        what.append(fstore.describe_chunks(done["chunks"], *_n_rows(manifest)))
+    return "repaired " + ", ".join(what) if what else "intact, nothing to repair"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline_lib.features.verify",
@@ -244,18 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for store in args.stores:
         try:
             if args.repair:
-                done = repair_store(store)
-                what = (
-                    done["metadata"]
-                    + [
-                        fstore.describe_chunks(
-                            done["chunks"], *_n_rows(fstore._load_manifest(Path(store), store))
-                        )
-                    ]
-                    if done["chunks"]
-                    else done["metadata"]
-                )
-                print(f"{store}: {'repaired ' + ', '.join(what) if what else 'intact'}")
+                print(f"{store}: {_describe_repair(store, repair_store(store))}")
             else:
                 faults = verify_store(store)
                 for e in faults:
