@@ -5,9 +5,10 @@ Snakemake job in the workflow):
 
 1. :func:`init_store` creates the store's work directory once: layout, shapes
    and attributes (backbone and checkpoint sha256, image size, chunk rows, N,
-   compute dtype, batch size). Run again, it checks that the work directory was
-   made with the same settings and refuses otherwise, so chunks computed under
-   other settings are never mixed in.
+   compute dtype, batch size). Run again, it keeps a work directory made with the
+   same settings (resume) and replaces one made with other settings, none of
+   whose chunks could be reused, so chunks computed under other settings are
+   never mixed in. Shard jobs refuse a work directory with other settings.
 2. :func:`extract_shard` fills shard ``k`` of ``S``: a contiguous range of chunks
    (:func:`~pipeline_lib.features.store.shard_chunks`). Shards write disjoint
    chunk files and their own done markers and never touch metadata, so any
