@@ -566,7 +566,12 @@ def _load_manifest(root: Path, store) -> dict:
         text = path.read_text()
     except FileNotFoundError:
         raise StoreDamagedError(
-            store, path, "missing", "the store has no checksum manifest", fix
+            store,
+            path,
+            "missing",
+            "the store has no checksum manifest (stores built before checksums existed have "
+            "none; nothing in it can be checked)",
+            fix,
         ) from None
     try:
         manifest = json.loads(text)
