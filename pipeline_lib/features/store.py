@@ -657,7 +657,7 @@ class FeatureStore:
             rec = self.manifest["metadata"][name]
             try:
                 data = integrity.check_file(
-                    self.path / name, rec["size"], rec["sha256"], self.repair, "metadata"
+                    self.path / name, rec["size"], rec["sha256"], self.repair, "the metadata file"
                 )
             except integrity.IntegrityError as exc:
                 raise StoreDamagedError(
@@ -748,7 +748,9 @@ class FeatureStore:
                 raise StoreDamagedError(self.path, p, *fault, self.repair, chunk, rows)
             return np.zeros(shape, _DTYPES[array])[:n].astype(_DTYPES[array][1:])
         try:
-            data = integrity.check_file(p, rec["size"], rec["sha256"], self.repair, array)
+            data = integrity.check_file(
+                p, rec["size"], rec["sha256"], self.repair, f"the {array} chunk"
+            )
         except integrity.IntegrityError as exc:
             raise StoreDamagedError(
                 self.path, p, exc.fault, exc.detail, self.repair, chunk, rows

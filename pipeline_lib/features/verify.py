@@ -71,7 +71,7 @@ def _metadata_faults(path: Path, manifest: dict) -> list[fstore.StoreDamagedErro
     for name in fstore.METADATA_FILES:
         rec = manifest["metadata"][name]
         try:
-            integrity.check_file(path / name, rec["size"], rec["sha256"], "", "metadata")
+            integrity.check_file(path / name, rec["size"], rec["sha256"], "", "the metadata file")
         except integrity.IntegrityError as exc:
             out.append(
                 fstore.StoreDamagedError(
