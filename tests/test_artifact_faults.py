@@ -178,6 +178,18 @@ def test_stats_cache_fault(tmp_path, runs, fault):
     _same_head(run.head, runs["clean"].head)
 
 
+def test_stats_of_another_bound_are_refused(tmp_path, runs):
+    """Same data, intact file, but computed with another clipping: not usable either."""
+    run = _fresh(tmp_path, runs)
+    run.metrics.unlink()
+    run.head.unlink()
+    stats = compute_stats(fs.FeatureStore(run.train), l2_clip_norm=5.0, transform="clip")
+    save_stats(stats, run.stats)
+    with pytest.raises(ValueError, match="statistics were computed with l2_clip_norm=5.0"):
+        run.fit()
+    assert not run.metrics.exists() and not run.head.exists()
+
+
 HEAD_FAULTS = {
     "delete": "missing",
     "truncate": "unreadable",
