@@ -141,3 +141,21 @@ def test_store_changed_behind_its_back_is_never_read(tmp_path):
 def test_missing_store(tmp_path):
     with pytest.raises(fs.StoreError, match="feature store not found"):
         fs.FeatureStore(tmp_path / "nope.zarr")
+
+
+def test_chunk_damaged_before_finalize_is_redone_not_published(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    x, y = _fill(path)
+    f = fs._group_path(path) / fs.chunk_key("features", 1)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    assert fs.pending_chunks(path) == []  # same size: only a full check sees it
+    assert fs.pending_chunks(path, verify=True) == [1]
+    with pytest.raises(fs.UnfinishedChunksDamagedError, match=r"chunks 1 \(rows 4-7\)"):
+        fs.finalize_store(path)
+    assert not path.exists() and fs.pending_chunks(path) == [1]  # its marker is gone
+    fs.write_chunk(path, 1, x[4:8], y[4:8])
+    fs.finalize_store(path)
+    np.testing.assert_array_equal(fs.FeatureStore(path).read_all()[0], x)
