@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -21,6 +19,7 @@ from pipeline_lib.heads.stats import load_stats
 from pipeline_lib.privacy import accounting, noise
 from pipeline_lib.privacy import selection as tn
 from pipeline_lib.privacy.events import event_to_json
+from pipeline_lib.run_outputs import write_run_outputs
 
 COVERED = "the released head weights (head.npz), computed from the training split"
 NONPRIVATE_STATEMENT = (
@@ -34,12 +33,6 @@ COVERED_TUNED = (
 )
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _fit(head, method: str, data, stats_file: str | None, **fit_kw) -> dict:
     """Fit on streamed ``data`` or, for statistics heads, on the cached statistics.
 
@@ -48,7 +41,7 @@ def _fit(head, method: str, data, stats_file: str | None, **fit_kw) -> dict:
     if method in STATS_HEADS:
         if stats_file is None:
             raise ValueError(f"{method} needs cached statistics, but no stats file was given")
-        stats = load_stats(stats_file)
+        stats = load_stats(stats_file, data=data)
         if stats.num_examples != data.num_examples:
             raise ValueError(
                 f"{stats_file}: computed on {stats.num_examples} examples, but the training "
@@ -470,14 +463,5 @@ def run_head(
     timings["evaluate"] = time.perf_counter() - t
     record["timings_s"] = timings
 
-    metadata = json.dumps(record, sort_keys=True)
-    metrics_path, head_path = Path(metrics_path), Path(head_path)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_head(p: Path) -> None:
-        with open(p, "wb") as f:
-            np.savez(f, weights=params["weights"], bias=params["bias"], metadata=np.array(metadata))
-
-    _atomic_write_bytes(head_path, write_head)
-    _atomic_write_bytes(metrics_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    write_run_outputs(head_path, metrics_path, params, record)  # with checksums
     return record

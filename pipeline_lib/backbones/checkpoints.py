@@ -9,7 +9,12 @@
 * a download goes to a temporary file in ``cache_dir`` and is renamed into place only when
   complete and (if an expected sha256 is given) verified, so a killed or corrupt download
   never looks cached, and concurrent jobs fetching the same URL are safe;
-* nothing is downloaded unless ``allow_network`` is true: the default run is offline.
+* nothing is downloaded unless ``allow_network`` is true: the default run is offline;
+* each cached file has a checksum record next to it (``<file>.sha256``, JSON with its
+  size and sha256, written before the file is renamed into place). Every cache hit is
+  checked against it; a missing, truncated, altered or swapped cached file raises a
+  CheckpointError naming the file and the fault and is deleted, so the next run
+  downloads it again instead of extracting features from damaged weights.
 
 ``read_npz`` and ``read_npz_shapes`` read ``.npz`` checkpoints whose member names are
 "/"-joined parameter paths (the big_vision / vision_transformer format);
@@ -20,6 +25,7 @@ every missing, unexpected and mis-shaped parameter in one error.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -115,6 +121,70 @@ def _checksum_error(uri: str, expected: str, got: str, what: str) -> CheckpointE
     )
 
 
+def _record_path(path: str) -> str:
+    return path + ".sha256"
+
+
+def _write_record(path: str, size: int, sha256: str, url: str) -> None:
+    record = _record_path(path)
+    tmp = record + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"size": size, "sha256": sha256, "url": url}, f)
+    os.replace(tmp, record)
+
+
+def _cache_fault(uri: str, path: str, fault: str, detail: str, allow_network: bool, key: str):
+    for p in (path, _record_path(path)):
+        if os.path.exists(p):
+            os.remove(p)
+    how = (
+        "rerun: it is downloaded again"
+        if allow_network
+        else f"set {key}: true in the config and rerun to download it again, or put a good "
+        f"copy at {path} and give its sha256 in the config"
+    )
+    return CheckpointError(
+        f"cached checkpoint {path} (of {uri}): {fault}: {detail}. It was not used and is "
+        f"deleted from the cache. Repair: {how}"
+    )
+
+
+def _check_cached(uri: str, path: str, allow_network: bool, key: str) -> str:
+    """The sha256 of the cached file at ``path``, checked against its checksum record."""
+    try:
+        with open(_record_path(path)) as f:
+            record = json.load(f)
+        size, recorded = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        raise _cache_fault(
+            uri, path, "checksum", "no checksum was recorded when it was cached", allow_network, key
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise _cache_fault(
+            uri, path, "checksum", "its checksum record is unreadable", allow_network, key
+        ) from None
+    if not os.path.isfile(path):
+        raise _cache_fault(
+            uri,
+            path,
+            "missing",
+            "the cached file is gone (its checksum record is left)",
+            allow_network,
+            key,
+        )
+    got_size = os.path.getsize(path)
+    if got_size != size:
+        raise _cache_fault(
+            uri, path, "size", f"{got_size} bytes, {size} were downloaded", allow_network, key
+        )
+    got = sha256_file(path)
+    if got != recorded:
+        raise _cache_fault(
+            uri, path, "checksum", "its bytes differ from what was downloaded", allow_network, key
+        )
+    return got
+
+
 def _download(url: str, uri: str, dest: str, expected_sha256: str | None) -> str:
     """Download ``url`` to ``dest`` atomically; return the sha256 of what was written."""
     directory = os.path.dirname(dest)
@@ -135,6 +205,7 @@ def _download(url: str, uri: str, dest: str, expected_sha256: str | None) -> str
         got = digest.hexdigest()
         if expected_sha256 is not None and got != expected_sha256:
             raise _checksum_error(uri, expected_sha256, got, f"downloaded from {url}; not cached")
+        _write_record(dest, os.path.getsize(tmp), got, url)  # before the file appears
         os.replace(tmp, dest)
         return got
     finally:
@@ -180,10 +251,17 @@ def fetch_checkpoint(
         return path, got
 
     path = cache_path(url, cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR)
+    if os.path.isfile(path) and not os.path.isfile(_record_path(path)) and expected:
+        got = sha256_file(path)  # cached before records existed: the config's digest decides
+        if got == expected:
+            _write_record(path, os.path.getsize(path), got, url)
+    elif os.path.isfile(path) or os.path.isfile(_record_path(path)):
+        got = _check_cached(uri, path, allow_network, config_key)
     if os.path.isfile(path):
-        got = sha256_file(path)
         if expected is not None and got != expected:
-            os.remove(path)
+            for p in (path, _record_path(path)):
+                if os.path.exists(p):
+                    os.remove(p)
             raise _checksum_error(uri, expected, got, f"cached file {path}, now deleted")
         return path, got
     if not allow_network:

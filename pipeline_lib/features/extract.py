@@ -5,9 +5,10 @@ Snakemake job in the workflow):
 
 1. :func:`init_store` creates the store's work directory once: layout, shapes
    and attributes (backbone and checkpoint sha256, image size, chunk rows, N,
-   compute dtype, batch size). Run again, it checks that the work directory was
-   made with the same settings and refuses otherwise, so chunks computed under
-   other settings are never mixed in.
+   compute dtype, batch size). Run again, it keeps a work directory made with the
+   same settings (resume) and replaces one made with other settings, none of
+   whose chunks could be reused, so chunks computed under other settings are
+   never mixed in. Shard jobs refuse a work directory with other settings.
 2. :func:`extract_shard` fills shard ``k`` of ``S``: a contiguous range of chunks
    (:func:`~pipeline_lib.features.store.shard_chunks`). Shards write disjoint
    chunk files and their own done markers and never touch metadata, so any
@@ -221,17 +222,23 @@ def init_store(
     image_size: int,
     settings: ExtractionSettings,
     backbone_options: Mapping | None = None,
+    recipe: Mapping | None = None,
 ) -> dict:
     """Create the work directory of the store at ``out_path`` once (or check it); return its attrs.
 
-    Raises StoreError if a work directory made with other settings (another
-    checkpoint, image size, chunk_rows, N, dtype, batch size...) exists.
+    A work directory made with other settings (another checkpoint, image size,
+    chunk_rows, N, dtype, batch size...) is replaced: none of its chunks could be
+    reused. ``recipe`` (how to reopen the source, see
+    :func:`pipeline_lib.features.verify.make_recipe`) is kept in the store's
+    manifest so that damaged chunks can be re-extracted later.
     """
     _check_image_size(image_size)
     backbone, _, sha256 = _load(backbone_name, settings, image_size, backbone_options)
     attrs = store_attrs(source, backbone, sha256, image_size, settings)
     shape = _shape_args(source, backbone, settings)
-    fstore.create_store(out_path, attrs=attrs, **shape)
+    fstore.create_store(
+        out_path, attrs=attrs, recipe=None if recipe is None else dict(recipe), **shape
+    )
     return fstore.partial_attrs(out_path)
 
 
@@ -265,7 +272,7 @@ def extract_shard(
     if chunks is not None:
         wanted = set(chunks)
         mine = [c for c in mine if c in wanted]
-    pending = set(fstore.pending_chunks(out_path))
+    pending = set(fstore.pending_chunks(out_path, mine, verify=True))
     todo = [c for c in mine if c in pending]
     log.info(
         "shard %d/%d of %s: chunks [%s], %d already done, %d to do",
@@ -495,6 +502,7 @@ def extract_to_store(
     prefetch_batches: int = 2,
     decode_threads: int = 1,
     backbone_options: Mapping | None = None,
+    recipe: Mapping | None = None,
 ) -> dict:
     """Extract features of ``dataset`` (an ImageSource) into ``out_path`` in one process.
 
@@ -517,7 +525,7 @@ def extract_to_store(
         settings=settings,
         backbone_options=backbone_options,
     )
-    init_store(dataset, **common)
+    init_store(dataset, recipe=recipe, **common)
     stats = extract_shard(dataset, chunks=chunks, progress=progress, **common)
     if finalize and not fstore.pending_chunks(out_path):
         finalize_extraction(out_path, [stats])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline_lib.data import open_dataset
 from pipeline_lib.features import extract
+from pipeline_lib.features.store import UnfinishedChunksDamagedError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def run_init_job(
     done_file: str | os.PathLike,
 ) -> dict:
     """Create (or check) the work directory of ``store``; write its attributes to ``done_file``."""
+    from pipeline_lib.features.verify import make_recipe
+
     source = open_dataset(dataset, dataset_spec, split)
     attrs = extract.init_store(
         source,
@@ -59,6 +62,14 @@ def run_init_job(
         image_size=int(image_size),
         settings=extract.ExtractionSettings.from_config(extraction),
         backbone_options=backbone_options,
+        recipe=make_recipe(
+            dataset=dataset,
+            dataset_spec=dataset_spec,
+            split=split,
+            backbone=backbone,
+            backbone_options=backbone_options,
+            extraction=extraction,
+        ),
     )
     log.info("store %s: %s", store, attrs)
     write_json(done_file, attrs)
@@ -96,8 +107,18 @@ def run_shard_job(
 
 
 def run_finalize_job(*, store: str | os.PathLike, shard_files: Sequence[str | os.PathLike]) -> dict:
-    """Check and publish ``store``, recording the shards' figures in its attributes."""
-    stats = extract.finalize_extraction(store, [read_json(p) for p in shard_files])
+    """Check and publish ``store``, recording the shards' figures in its attributes.
+
+    When finished chunks were damaged on disk before publishing, their done
+    markers and every shard job's output are removed, so that the next
+    ``snakemake`` run reruns the shard jobs, which redo exactly those chunks.
+    """
+    try:
+        stats = extract.finalize_extraction(store, [read_json(p) for p in shard_files])
+    except UnfinishedChunksDamagedError:
+        for p in shard_files:
+            Path(p).unlink(missing_ok=True)
+        raise
     log.info(
         "published %s: %d images extracted by %d shard job(s), %s img/s per job",
         store,

@@ -48,6 +48,12 @@ class NonPrivateRidge:
 
     def fit(self, stats: SuffStats, *, seed: int = 0) -> dict[str, np.ndarray]:
         del seed  # deterministic
+        if stats.l2_clip_norm != self.l2_clip_norm or stats.transform != self.feature_transform:
+            raise ValueError(  # e.g. a cache file of another bound copied over this one
+                f"{self.name}: statistics were computed with l2_clip_norm="
+                f"{stats.l2_clip_norm}, transform={stats.transform!r}, but the head uses "
+                f"{self.l2_clip_norm}, {self.feature_transform!r}"
+            )
         weights = solve_ridge_psd(stats.xtx, stats.xty, self.ridge_lambda)
         return {
             "weights": weights.astype(np.float32),

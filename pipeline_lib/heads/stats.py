@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pipeline_lib import integrity
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.privacy.clipping import bound_rows
 
@@ -30,6 +32,7 @@ class SuffStats:
     num_examples: int
     l2_clip_norm: float
     transform: str
+    source: str = ""  # identity of the data (see data_identity); "" when unknown
 
     @property
     def feature_dim(self) -> int:
@@ -66,6 +69,21 @@ def padded_chunks(store: FeatureStore):
         yield pad_rows(feats, labels, store.chunk_rows)
 
 
+def data_identity(data) -> str:
+    """Which data statistics were computed from: a store's manifest digest, plus the part.
+
+    "" for data without one (in-memory arrays): then no binding is checked.
+    """
+    digest = getattr(data, "content_digest", None)
+    if digest:
+        return str(digest)
+    parent, part = getattr(data, "data", None), getattr(data, "part", None)
+    if parent is not None and part is not None:
+        base = data_identity(parent)
+        return f"{base}/{part}:{float(data.fraction)!r}" if base else ""
+    return ""
+
+
 def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -> SuffStats:
     d, k = store.feature_dim, store.num_classes
     xtx = np.zeros((d, d), np.float64)
@@ -92,34 +110,79 @@ def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -
         num_examples=store.num_examples,
         l2_clip_norm=float(l2_clip_norm),
         transform=transform,
+        source=data_identity(store),
     )
+
+
+def _members(stats: SuffStats) -> dict:
+    return dict(
+        xtx=np.asarray(stats.xtx),
+        xty=np.asarray(stats.xty),
+        class_counts=np.asarray(stats.class_counts),
+        num_examples=np.asarray(stats.num_examples),
+        l2_clip_norm=np.asarray(stats.l2_clip_norm),
+        transform=np.asarray(stats.transform),
+        source=np.asarray(stats.source),
+    )
+
+
+def stats_repair_command(path: str | os.PathLike) -> str:
+    """Delete the cache file; the workflow recomputes it (and refits the heads that use it)."""
+    return f"rm -f {os.fspath(path)} && snakemake --cores all"
 
 
 def save_stats(stats: SuffStats, path: str | os.PathLike) -> None:
+    """Write ``stats`` with the sha256 of its content, atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(
-        tmp,
-        xtx=stats.xtx,
-        xty=stats.xty,
-        class_counts=stats.class_counts,
-        num_examples=stats.num_examples,
-        l2_clip_norm=stats.l2_clip_norm,
-        transform=stats.transform,
-    )
+    members = _members(stats)
+    np.savez(tmp, content_sha256=np.asarray(integrity.arrays_digest(members)), **members)
     os.replace(tmp, path)
 
 
-def load_stats(path: str | os.PathLike) -> SuffStats:
+def load_stats(path: str | os.PathLike, *, data=None) -> SuffStats:
+    """The statistics cached at ``path``, their checksum checked.
+
+    With ``data`` (the store or part they are used with), also checks that they
+    were computed from exactly that data. Raises IntegrityError naming the file,
+    the fault and the repair command.
+    """
+    fix = stats_repair_command(path)
     try:
-        with np.load(path) as z:
-            return SuffStats(
-                xtx=z["xtx"],
-                xty=z["xty"],
-                class_counts=z["class_counts"],
-                num_examples=int(z["num_examples"]),
-                l2_clip_norm=float(z["l2_clip_norm"]),
-                transform=str(z["transform"]),
-            )
-    except (OSError, KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: not a valid statistics file ({exc})") from exc
+        with np.load(path, allow_pickle=False) as z:
+            members = {k: z[k] for k in z.files if k != "content_sha256"}
+            recorded = str(z["content_sha256"]) if "content_sha256" in z.files else None
+    except FileNotFoundError:
+        raise integrity.IntegrityError(
+            path, "missing", "the statistics file is gone", fix
+        ) from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise integrity.unreadable_npz(path, exc, "statistics file", fix) from None
+    if recorded is None:
+        raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)
+    if integrity.arrays_digest(members) != recorded:
+        raise integrity.IntegrityError(
+            path, "checksum", "its content does not match its recorded sha256", fix
+        )
+    try:
+        stats = SuffStats(
+            xtx=members["xtx"],
+            xty=members["xty"],
+            class_counts=members["class_counts"],
+            num_examples=int(members["num_examples"]),
+            l2_clip_norm=float(members["l2_clip_norm"]),
+            transform=str(members["transform"]),
+            source=str(members["source"]),
+        )
+    except KeyError as exc:
+        raise integrity.IntegrityError(path, "unreadable", f"no member {exc}", fix) from None
+    want = data_identity(data) if data is not None else ""
+    if want and stats.source != want:
+        raise integrity.IntegrityError(
+            path,
+            "mismatch",
+            f"it was computed from other data (source {stats.source[:16] or 'unknown'}..., "
+            f"expected {want[:16]}...), e.g. copied from another run",
+            fix,
+        )
+    return stats

@@ -78,7 +78,8 @@ def test_download_then_cache_hit_without_a_second_request(server, tmp_path):
     again = fetch_checkpoint(url, cache_dir=tmp_path, sha256=PAYLOAD_SHA256.upper())
     assert again == (path, PAYLOAD_SHA256)  # Cached: no network needed, no new request.
     assert server.requests == ["/models/tiny.npz"]
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # No temporary files.
+    name = os.path.basename(path)  # No temporary files; the file and its checksum record:
+    assert sorted(os.listdir(tmp_path)) == [name, name + ".sha256"]
 
 
 def test_checksum_mismatch_names_url_and_both_digests_and_caches_nothing(server, tmp_path):

@@ -12,7 +12,9 @@ TINY = dict(backbone_name="efficientnet_lite0", image_size=32)
 
 
 def _store_files(root: Path) -> dict[str, bytes]:
-    """Every file's bytes; the group's zarr.json without its (timing) extraction_stats."""
+    """Every file's bytes; the group's zarr.json without its (timing) extraction_stats, and
+    the manifest without the checksums of that zarr.json and its recipe (chunk checksums
+    are compared)."""
     out = {}
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.name == ".snakemake_timestamp":  # Snakemake's, not ours
@@ -22,6 +24,13 @@ def _store_files(root: Path) -> dict[str, bytes]:
             meta = json.loads(data)
             meta["attributes"].pop("extraction_stats", None)
             data = json.dumps(meta, sort_keys=True).encode()
+        if p == root / "manifest.json":
+            manifest = json.loads(data)
+            for key in ("metadata", "metadata_text"):
+                manifest[key].pop("zarr.json")
+            manifest.pop("manifest_sha256")
+            manifest.pop("recipe")  # how it was invoked (workflow or library), not contents
+            data = json.dumps(manifest, sort_keys=True).encode()
         out[str(p.relative_to(root))] = data
     return out
 

@@ -1,6 +1,7 @@
 """The extraction rules: init_store -> S x extract_shard -> finalize_store, through Snakemake."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,3 +196,40 @@ def test_patterns_and_paths_agree():
     assert xp.backbone_options(
         {"backbones": {"vit": {"checkpoint": "x.npz"}}, "checkpoint_cache_dir": "/c"}, "vit"
     ) == {"spec": {"checkpoint": "x.npz"}, "cache_dir": "/c"}
+
+
+def test_damaged_chunk_stops_the_workflow_and_repair_reruns_only_what_failed(tmp_path):
+    """The issue's report: a deleted chunk file gave a 100% done run with zeros for rows."""
+    work = _workdir(tmp_path, train=300, test=100, shards=1)
+    train = work / STORE.format(split="train")
+    snakemake(work, str(train.relative_to(work)), STORE.format(split="test"))
+    clean = tmp_path / "clean.zarr"
+    shutil.copytree(train, clean)
+    (train / "features/c/2/0").unlink()
+
+    proc = subprocess.run(_cmd(work), capture_output=True, text=True, timeout=900, env=_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    log = next((work / "results/logs/compute_stats").rglob("*.log")).read_text()
+    assert "chunk 2 (rows 128-191)" in log and "features/c/2/0: missing" in log
+    repair = f"python -m pipeline_lib.features.verify --repair {STORE.format(split='train')}"
+    assert repair in log, log[-2000:]
+    assert not list((work / "results").rglob("*.npz"))  # no statistics, no head
+    assert not list((work / "results").rglob("metrics.json"))
+
+    cli = [sys.executable, "-m", "pipeline_lib.features.verify", "--repair", str(train)]
+    fixed = subprocess.run(cli, capture_output=True, text=True, timeout=600, env=_env())
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "repaired chunks 2 (rows 128-191)" in fixed.stdout
+    plan = _job_counts(snakemake(work, "-n"))
+    assert not {"init_store", "extract_shard", "finalize_store"} & set(plan), plan
+    assert plan["compute_stats"] == 1 and plan["fit_head"] == 1, out[-2000:]
+    snakemake(work)
+    assert list((work / "results").rglob("metrics.json"))
+    _assert_same(train, clean)
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

@@ -112,16 +112,20 @@ def test_concurrent_shard_processes(fmnist_300, unsharded, tmp_path, assert_same
     assert_same_store(path, unsharded)
 
 
-def test_init_refuses_a_work_dir_made_with_other_settings(fmnist_300, tmp_path, monkeypatch):
+def test_init_replaces_a_work_dir_made_with_other_settings(
+    fmnist_300, tmp_path, monkeypatch, caplog
+):
     path = tmp_path / "train.zarr"
     extract.init_store(fmnist_300, out_path=path, **COMMON)
     extract.init_store(fmnist_300, out_path=path, **COMMON)  # same settings: fine (resume)
     other_rows = dict(COMMON, settings=extract.ExtractionSettings(batch_size=BATCH, chunk_rows=64))
     with pytest.raises(fs.StoreError, match="chunk_rows: 32 in the work dir, 64 now") as info:
-        extract.init_store(fmnist_300, out_path=path, **other_rows)
-    assert "delete" in str(info.value) and str(fs.work_dir(path)) in str(info.value)
-    with pytest.raises(fs.StoreError, match="image_size: 32 in the work dir, 48 now"):
-        extract.init_store(fmnist_300, out_path=path, **dict(COMMON, image_size=48))
+        extract.extract_shard(fmnist_300, out_path=path, **other_rows)  # shards never replace
+    assert str(fs.work_dir(path)) in str(info.value)
+    extract.init_store(fmnist_300, out_path=path, **other_rows)
+    assert "chunk_rows: 32 in the work dir, 64 now" in caplog.text
+    assert fs.partial_attrs(path)["chunk_rows"] == 64
+    extract.init_store(fmnist_300, out_path=path, **COMMON)  # and back
     fewer = type(fmnist_300)(
         images=fmnist_300.images[:200],
         labels=fmnist_300.labels[:200],
@@ -131,7 +135,7 @@ def test_init_refuses_a_work_dir_made_with_other_settings(fmnist_300, tmp_path, 
         source=fmnist_300.source,
     )
     with pytest.raises(fs.StoreError, match="num_examples: 300 in the work dir, 200 now"):
-        extract.init_store(fewer, out_path=path, **COMMON)
+        extract.extract_shard(fewer, out_path=path, **COMMON)
     real_load = extract._load
 
     def other_checkpoint(*args):
@@ -139,8 +143,6 @@ def test_init_refuses_a_work_dir_made_with_other_settings(fmnist_300, tmp_path, 
         return backbone, variables, "f" * 64
 
     monkeypatch.setattr(extract, "_load", other_checkpoint)
-    with pytest.raises(fs.StoreError, match="checkpoint_sha256"):
-        extract.init_store(fmnist_300, out_path=path, **COMMON)
     with pytest.raises(fs.StoreError, match="checkpoint_sha256"):  # shards check it too
         extract.extract_shard(fmnist_300, out_path=path, **COMMON)
     assert fs.pending_chunks(path) == list(range(10))  # nothing was written

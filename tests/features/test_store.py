@@ -70,14 +70,23 @@ def test_finalize_refuses_missing_chunks(tmp_path):
         fs.FeatureStore(path)
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
+def test_work_dir_from_other_settings_is_replaced(tmp_path):
+    """No chunk of a partial store made with other settings is reusable: it is replaced."""
     path = tmp_path / "train.zarr"
     _make(path)
-    _make(path)  # same settings: fine (resume)
+    _fill(path, skip={2})
+    _make(path)  # same settings: resume, finished chunks kept
+    assert fs.pending_chunks(path) == [2]
     with pytest.raises(fs.StoreError, match=r'backbone: "toy" in the work dir, "other" now'):
-        fs.create_store(
+        fs.check_store(  # a shard job never replaces: only the init job may
             path, num_examples=10, feature_dim=4, chunk_rows=4, attrs=dict(ATTRS, backbone="other")
         )
+    fs.create_store(
+        path, num_examples=10, feature_dim=4, chunk_rows=4, attrs=dict(ATTRS, backbone="other")
+    )
+    assert fs.pending_chunks(path) == [0, 1, 2]  # nothing of the old store survives
+    assert fs.partial_attrs(path)["backbone"] == "other"
+    assert not list((fs._group_path(path) / "features").rglob("c/*/*"))
 
 
 def test_nan_features_rejected_with_chunk(tmp_path):
@@ -97,26 +106,56 @@ def test_wrong_chunk_shape(tmp_path):
         fs.write_chunk(path, 2, np.ones((4, 4), np.float32), np.zeros(4, np.int32))
 
 
-def test_corrupted_published_store_is_caught(tmp_path):
+def test_bad_contents_are_refused_at_finalize(tmp_path):
+    import zarr
+
+    path = tmp_path / "train.zarr"
+    _make(path)
+    _fill(path)
+    g = zarr.open_group(str(fs._group_path(path)), mode="r+")
+    g["labels"][3] = 7  # out of range for 3 classes (the marker is rewritten below)
+    fs.write_chunk(path, 0, g["features"][0:4], g["labels"][0:4])
+    with pytest.raises(fs.StoreError, match=r"labels out of range \[0, 3\) in rows 0..3"):
+        fs.finalize_store(path)
+    assert not path.exists()
+
+
+def test_store_changed_behind_its_back_is_never_read(tmp_path):
+    """Any write that bypasses write_chunk (here: through Zarr) fails the chunk's checksum."""
+    import zarr
+
     path = tmp_path / "train.zarr"
     _make(path)
     _fill(path)
     fs.finalize_store(path)
-    import zarr
-
     g = zarr.open_group(str(path), mode="r+")
-    g["labels"][3] = 7  # out of range for 3 classes
-    with pytest.raises(fs.StoreError, match=r"labels out of range \[0, 3\) in rows 0..3"):
-        list(fs.FeatureStore(path).iter_chunks())
-    g["labels"][3] = 0
-    g["features"][9, 0] = np.inf
-    with pytest.raises(fs.StoreError, match="features row 9 is NaN or Inf"):
-        list(fs.FeatureStore(path).iter_chunks())
-    g.attrs["complete"] = False
-    with pytest.raises(fs.StoreError, match="not marked complete"):
-        fs.FeatureStore(path)
+    g["features"][9, 0] = 5.0
+    store = fs.FeatureStore(path)  # same size: found when read
+    store.read_chunk(0)
+    with pytest.raises(fs.StoreDamagedError, match=r"chunk 2 \(rows 8-9\)") as info:
+        store.read_chunk(2)
+    assert info.value.fault == "checksum" and info.value.chunk == 2
+    assert fs.repair_command(path) in str(info.value)
 
 
 def test_missing_store(tmp_path):
     with pytest.raises(fs.StoreError, match="feature store not found"):
         fs.FeatureStore(tmp_path / "nope.zarr")
+
+
+def test_chunk_damaged_before_finalize_is_redone_not_published(tmp_path):
+    path = tmp_path / "train.zarr"
+    _make(path)
+    x, y = _fill(path)
+    f = fs._group_path(path) / fs.chunk_key("features", 1)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    assert fs.pending_chunks(path) == []  # same size: only a full check sees it
+    assert fs.pending_chunks(path, verify=True) == [1]
+    with pytest.raises(fs.UnfinishedChunksDamagedError, match=r"chunks 1 \(rows 4-7\)"):
+        fs.finalize_store(path)
+    assert not path.exists() and fs.pending_chunks(path) == [1]  # its marker is gone
+    fs.write_chunk(path, 1, x[4:8], y[4:8])
+    fs.finalize_store(path)
+    np.testing.assert_array_equal(fs.FeatureStore(path).read_all()[0], x)

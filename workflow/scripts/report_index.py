@@ -7,8 +7,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _log  # noqa: E402
 
 from pipeline_lib.reporting import build_index  # noqa: E402
+from pipeline_lib.run_outputs import verify_runs  # noqa: E402
 
 log = _log.setup(snakemake)  # noqa: F821
+verify_runs(snakemake.input.metrics)  # noqa: F821  (each head.npz and metrics.json)
 out = snakemake.output  # noqa: F821
 build_index(
     snakemake.input.metrics,  # noqa: F821
