@@ -717,6 +717,8 @@ def report_files(config: dict, experiment: str) -> dict[str, str]:
         "md": str(Path(d, "summary.md")),
         "runs": str(Path(d, "runs.csv")),
         "png": str(Path(d, "accuracy_vs_epsilon.png")),
+        "per_class": str(Path(d, "per_class.csv")),
+        "confusion": str(Path(d, "confusion.png")),
     }
 
 

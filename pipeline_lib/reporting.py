@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -244,6 +246,9 @@ class SummaryRow:
     covers_tuning: bool | None = None  # True: target epsilon covers hyperparameter selection
     median_per_run_epsilon: float | None = None  # tuned runs: the selected candidate alone
     reproducible_noise: bool = False  # True: NOT differentially private (noise regenerable)
+    median_wall_time_s: float | None = None  # calibrate + fit + evaluate, median over seeds
+    gap_to_probe_pp: float | None = None  # probe's median accuracy minus this row's, in points
+    probe: str | None = None  # the non-private baseline the gap is measured against
 
     @property
     def display_method(self) -> str:
@@ -367,6 +372,7 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                 setting=setting,
                 covers_tuning=covers_tuning,
                 reproducible_noise=reproducible,
+                median_wall_time_s=_median_time(members),
                 median_per_run_epsilon=(
                     statistics.median(
                         float(run.get("per_run_epsilon") or run["spent_epsilon"]) for run in members
@@ -376,7 +382,45 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                 ),
             )
         )
-    return sorted(rows, key=_sort_key)
+    return sorted(_with_gaps(rows), key=_sort_key)
+
+
+PROBE = "nonprivate_logistic"  # the non-private probe the gaps are measured against
+
+
+def _median_time(members: Sequence[Mapping[str, Any]]) -> float | None:
+    times = [sum(float(v) for v in (r.get("timings_s") or {}).values()) for r in members]
+    times = [t for t in times if t > 0]
+    return statistics.median(times) if times else None
+
+
+def _with_gaps(rows: list[SummaryRow]) -> list[SummaryRow]:
+    """Each row's gap, in points, to the non-private probe of its experiment and setting
+    (``nonprivate_logistic``, else the best baseline there)."""
+    probes: dict[tuple, SummaryRow] = {}
+    for row in rows:
+        if row.private:
+            continue
+        key = (row.experiment, row.setting)
+        old = probes.get(key)
+        if (
+            old is None
+            or (row.method == PROBE) > (old.method == PROBE)
+            or (
+                (row.method == PROBE) == (old.method == PROBE)
+                and row.median_test_accuracy > old.median_test_accuracy
+            )
+        ):
+            probes[key] = row
+    out = []
+    for row in rows:
+        probe = probes.get((row.experiment, row.setting))
+        if probe is None or probe is row:
+            out.append(row)
+            continue
+        gap = 100 * (probe.median_test_accuracy - row.median_test_accuracy)
+        out.append(dataclasses.replace(row, gap_to_probe_pp=gap, probe=probe.method))
+    return out
 
 
 # --- writing -------------------------------------------------------------------------
@@ -385,6 +429,10 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
 def _fmt(value: float | None) -> str:
     """Short human form of a budget: 1, 0.25, 1e-05."""
     return "" if value is None else f"{value:g}"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def _pct(fraction: float | None) -> str:
@@ -425,6 +473,9 @@ def _csv_columns(rows: Sequence[SummaryRow]) -> list[str]:
         "covers_tuning",
         "median_per_run_epsilon",
         "reproducible_noise",
+        "median_wall_time_s",
+        "gap_to_probe_pp",
+        "probe",
         *(f"noise_multiplier_{name}" for name in names),
     ]
 
@@ -492,10 +543,15 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
         "selected candidate alone would cost. Other rows used hyperparameters fixed in the "
         "config; their ε does not cover how those were chosen.",
         "",
+        "'Gap' is the non-private probe's median test accuracy minus the row's, in "
+        "percentage points; 'Time' is the median wall time of one run (calibration, fit and "
+        "evaluation).",
+        "",
         "| Experiment | Data / backbone | Method | Privacy (ε, δ) | Accountant "
         "| Spent ε (median) | Per-run ε | ε covers tuning "
-        "| Test acc. (median) | Min | Max | Spread (pp) | Seeds | Noise multipliers (median) |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| Test acc. (median) | Min | Max | Spread (pp) | Gap to probe (pp) | Time (s) "
+        "| Seeds | Noise multipliers (median) |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if row.private:
@@ -514,8 +570,14 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
             f"| {accountant} | {spent} | {per_run} | {covers} "
             f"| {_pct(row.median_test_accuracy)} | {_pct(row.min_test_accuracy)} "
             f"| {_pct(row.max_test_accuracy)} | {100 * row.spread_test_accuracy:.2f} "
+            f"| {_num(row.gap_to_probe_pp, '.2f')} | {_num(row.median_wall_time_s, '.1f')} "
             f"| {row.n_seeds} | {multipliers} |"
         )
+    lines += [
+        "",
+        f"Per-class test accuracy: {PER_CLASS_CSV}; confusion matrices: {CONFUSION_PNG} "
+        f"(the best seed of each method and ε). {TEST_NOTE}",
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -551,10 +613,25 @@ def _errorbar(ax, members: Sequence[SummaryRow], **kwargs):
     )
 
 
+def _epsilon_axis(ax, epsilons: Sequence[float]) -> None:
+    """Log x axis with one plain-number tick per budget that was run and no minor labels
+    (matplotlib's default minor labels like '3x10^-1' overlap into a jumble)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if epsilons:
+        ax.set_xticks(list(epsilons), [_fmt(eps) for eps in epsilons])
+        ax.set_xlim(epsilons[0] / 1.5, epsilons[-1] * 1.5)
+    else:
+        ax.set_xlim(0.1, 10.0)
+    ax.set_xlabel("target ε (log scale)")
+
+
 def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter
 
     if not rows:
         raise ValueError("no summary rows to plot")
@@ -598,15 +675,7 @@ def _plot(rows: Sequence[SummaryRow], path: Path, title: str) -> Figure:
         )
         handles.append(line)
 
-    ax.set_xscale("log")
-    epsilons = sorted({row.target_epsilon for row in rows if row.private})
-    if epsilons:  # label the budgets that were run, in plain numbers
-        ax.set_xticks(epsilons, [_fmt(eps) for eps in epsilons])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlim(epsilons[0] / 1.5, epsilons[-1] * 1.5)
-    else:
-        ax.set_xlim(0.1, 10.0)
-    ax.set_xlabel("target ε (log scale)")
+    _epsilon_axis(ax, sorted({row.target_epsilon for row in rows if row.private}))
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(handles=handles, loc="best", fontsize="small")
@@ -657,6 +726,8 @@ def build_report(
         "md": out_dir / SUMMARY_MD,
         "runs": out_dir / RUNS_CSV,
         "png": out_dir / ACCURACY_PNG,
+        "per_class": out_dir / PER_CLASS_CSV,
+        "confusion": out_dir / CONFUSION_PNG,
     }
     for path in outputs.values():  # a stale report must not outlive a failed rebuild
         path.unlink(missing_ok=True)
@@ -673,7 +744,118 @@ def build_report(
         _write_csv(rows, tmp["csv"])
         _write_md(rows, tmp["md"], title)
         _plot(rows, tmp["png"], title)
+        best = best_runs(runs)
+        _write_per_class(best, tmp["per_class"])
+        _plot_confusions(best, tmp["confusion"], title)
     return outputs
+
+
+# --- per-class accuracy and confusion matrices of the best seed ----------------------
+
+PER_CLASS_CSV = "per_class.csv"
+CONFUSION_PNG = "confusion.png"
+TEST_NOTE = (
+    "Test-split evaluation, like every accuracy in these reports, is not covered by the "
+    "privacy guarantee."
+)
+
+
+def best_runs(runs: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The best seed (highest test accuracy) of every summary row that has a confusion
+    matrix, in the summary's order: one per method and target ε (and baseline)."""
+    groups: dict[tuple, Mapping[str, Any]] = {}
+    for run in runs:
+        if run.get("test_confusion") is None:
+            continue
+        key = _group_key(run)
+        if key not in groups or run["test_accuracy"] > groups[key]["test_accuracy"]:
+            groups[key] = run
+    order = {(r.experiment, r.method, r.target_epsilon, r.setting): i for i, r in
+             enumerate(summarize(list(groups.values())))} if groups else {}  # fmt: skip
+    return sorted(
+        groups.values(),
+        key=lambda r: order[(r["experiment"], r["method"], r["target_epsilon"], run_setting(r))],
+    )
+
+
+def _run_label(run: Mapping[str, Any]) -> str:
+    if not run["private"]:
+        return f"{run['method']} (non-private)"
+    label = f"{run['method']} ε={_fmt(run['target_epsilon'])}"
+    if run.get("epsilon_covers_tuning"):
+        label += " (tuned)"
+    return label + (" NOT DP" if is_reproducible(run) else "")
+
+
+def _class_names(run: Mapping[str, Any], k: int) -> list[str]:
+    names = run.get("class_names")
+    return [str(n) for n in names] if names and len(names) == k else [str(i) for i in range(k)]
+
+
+def _write_per_class(best: Sequence[Mapping[str, Any]], path: Path) -> None:
+    columns = ["experiment", "setting", "method", "privacy", "seed", "class_index", "class",
+               "test_examples", "test_accuracy"]  # fmt: skip
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for run in best:
+            cm = [[int(v) for v in row] for row in run["test_confusion"]]
+            names = _class_names(run, len(cm))
+            for k, row in enumerate(cm):
+                total = sum(row)
+                writer.writerow(
+                    {
+                        "experiment": run["experiment"],
+                        "setting": run_setting(run),
+                        "method": run["method"],
+                        "privacy": _run_label(run),
+                        "seed": run["seed"],
+                        "class_index": k,
+                        "class": names[k],
+                        "test_examples": total,
+                        "test_accuracy": "" if total == 0 else row[k] / total,
+                    }
+                )
+
+
+def _plot_confusions(best: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
+    """One row-normalised confusion matrix per best seed, in a grid of panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(1, len(best))
+    cols = min(6, n)
+    nrows = -(-n // cols)
+    fig = Figure(figsize=(3.0 * cols + 0.6, 3.1 * nrows + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    if not best:
+        fig.suptitle(f"{title}: no run records a confusion matrix")
+    for i, run in enumerate(best):
+        cm = np.asarray(run["test_confusion"], np.float64)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        image = ax.imshow(norm, vmin=0.0, vmax=1.0, cmap="viridis")
+        k = len(cm)
+        names = _class_names(run, k)
+        ticks = range(k)
+        short = [name[:8] for name in names]
+        ax.set_xticks(ticks, short if k <= 12 else [""] * k, rotation=90, fontsize=6)
+        ax.set_yticks(ticks, short if k <= 12 else [""] * k, fontsize=6)
+        ax.set_title(
+            f"{_run_label(run)}\nseed {run['seed']}: {100 * run['test_accuracy']:.1f}%",
+            fontsize=7,
+        )
+        if i % cols == 0:
+            ax.set_ylabel("true class", fontsize=7)
+        ax.set_xlabel("predicted", fontsize=7)
+    if best:
+        fig.colorbar(image, ax=fig.axes, shrink=0.6, label="fraction of the true class")
+        fig.suptitle(
+            f"{title}: confusion matrices of the best seed per method and ε (test split, "
+            "not covered by the privacy guarantee)",
+            fontsize=9,
+        )
+    fig.savefig(path, format="png", dpi=100)
 
 
 # --- per-run table, cross-experiment index, privacy ledger, terminal summary -------
@@ -729,13 +911,14 @@ def _write_runs_csv(runs: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def _ledger_md(rows) -> list[str]:
     lines = [
-        "| Dataset | Releases | Experiments | Total ε | at δ | Accountant "
+        "| Dataset | Data read | Releases | Experiments | Total ε | at δ | Accountant "
         "| Largest single-run ε | Sum of run ε (basic composition) | Meaningful (δ < 1/N) |",
-        "|---|---:|---|---:|---:|---|---:|---:|---|",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row.dataset} | {row.num_releases} | {', '.join(row.experiments)} "
+            f"| {row.dataset} | {row.data_source or '—'} | {row.num_releases} "
+            f"| {', '.join(row.experiments)} "
             f"| {row.epsilon_total:.4g} | {row.delta:.3g} | {row.accountant} "
             f"| {row.max_run_epsilon:.4g} | {row.sum_run_epsilon:.4g} "
             f"| {'yes' if row.meaningful else 'NO: δ ≥ 1/N'} |"
@@ -749,8 +932,9 @@ LEDGER_NOTE = (
     "dp_accounting (the smaller of the PLD and RDP bounds), at the smallest δ those runs "
     "targeted. Each row's total is what "
     "publishing all of these results costs that dataset; per-run epsilons in the "
-    "tables hold for one released head alone. Datasets are grouped by config key: "
-    "keys that name the same data (e.g. a subset) must be added up by the reader."
+    "tables hold for one released head alone. Runs are grouped by the data they read "
+    "(files or TFDS name, and split): dataset keys that name the same data, subsets "
+    "included, are composed together."
 )
 LEDGER_OUTSIDE = (
     "**Outside this total:** the non-private baselines and every test-set accuracy. The "
@@ -816,8 +1000,7 @@ def _index_plot(rows: Sequence[SummaryRow], path: Path) -> None:
                 color=f"C{(len(series) + j) % 10}",
                 label=f"{row.method} (non-private)",
             )
-        ax.set_xscale("log")
-        ax.set_xlabel("target ε (log scale)")
+        _epsilon_axis(ax, sorted({r.target_epsilon for r in mine if r.private}))
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(experiment, fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)

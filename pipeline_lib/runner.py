@@ -13,7 +13,7 @@ import pipeline_lib
 from pipeline_lib.features.split import RowSubset
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import STATS_HEADS, make_head
-from pipeline_lib.heads.linear import accuracy, num_correct
+from pipeline_lib.heads.linear import accuracy, confusion_matrix, num_correct
 from pipeline_lib.heads.released import feature_provenance
 from pipeline_lib.heads.stats import load_stats
 from pipeline_lib.privacy import accounting, noise
@@ -403,6 +403,9 @@ def run_head(
         "image_size": int(spec["image_size"]),
         "num_train": train.num_examples,
         "num_test": test.num_examples,
+        # the underlying data (files or TFDS name, and split): the ledger composes every
+        # release that read the same data, whatever the dataset key or subset size
+        "data_source": f"{train.attrs.get('source', spec['dataset'])} [{train.attrs.get('split')}]",
         "feature_dim": train.feature_dim,
         "num_classes": train.num_classes,
         "code_version": pipeline_lib.__version__,
@@ -457,7 +460,11 @@ def run_head(
     record["hyperparameters"] = head.hyperparameters()
 
     t = time.perf_counter()
-    record["test_accuracy"] = accuracy(test, params["weights"], params["bias"], **_bounds(head))
+    confusion = confusion_matrix(test, params["weights"], params["bias"], **_bounds(head))
+    record["test_accuracy"] = float(np.trace(confusion)) / test.num_examples
+    # Test-split evaluation (not covered by the guarantee, like the accuracy): rows are true
+    # labels, columns predictions; the reports draw it for the best seed of each setting.
+    record["test_confusion"] = confusion.tolist()
     # No training-set accuracy: it is a statistic of the private data that the
     # DP guarantee does not cover, so it is never written out.
     timings["evaluate"] = time.perf_counter() - t

@@ -318,12 +318,12 @@ def test_markdown_content(tmp_path, rows):
     )
     assert (
         "| pld | 0.998 | 0.998 | no (fixed in config) "
-        "| 81.00% | 79.00% | 85.00% | 6.00 | 5 | xtx=4.1, xty=4.1 |"
+        "| 81.00% | 79.00% | 85.00% | 6.00 | — | — | 5 | xtx=4.1, xty=4.1 |"
     ) in dp1
     ridge = next(line for line in lines if "| nonprivate_ridge |" in line)
     assert ridge == (
         "| fmnist_lite0 | — | nonprivate_ridge | non-private | — | — | — | — "
-        "| 86.50% | 86.40% | 86.60% | 0.20 | 3 | — |"
+        "| 86.50% | 86.40% | 86.60% | 0.20 | 1.10 | — | 3 | — |"
     )
     table = [line for line in lines if line.startswith("| fmnist_lite0 |")]
     assert len(table) == len(rows)
@@ -379,6 +379,8 @@ def test_build_report(tmp_path):
     outputs = build_report(paths, out, "Fashion-MNIST, Lite0")
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy_vs_epsilon.png",
+        "confusion.png",
+        "per_class.csv",
         "runs.csv",
         "summary.csv",
         "summary.md",
@@ -388,6 +390,8 @@ def test_build_report(tmp_path):
         "md": out / "summary.md",
         "runs": out / "runs.csv",
         "png": out / "accuracy_vs_epsilon.png",
+        "per_class": out / "per_class.csv",
+        "confusion": out / "confusion.png",
     }
     assert all(p.stat().st_size > 0 for p in outputs.values())
     runs = list(csv.DictReader(open(outputs["runs"])))
@@ -422,3 +426,69 @@ def test_build_report_failure_while_writing_leaves_nothing(tmp_path, monkeypatch
 def test_build_report_needs_inputs(tmp_path):
     with pytest.raises(ValueError, match="no metrics files"):
         build_report([], tmp_path / "out", "t")
+
+
+# --- per-class accuracy, confusion matrices, wall time, gap to the probe, axes ---------
+
+
+def _cm(acc, k=3, n=100):
+    """A k x k confusion matrix with n test examples per class and accuracy `acc`."""
+    right = round(acc * n)
+    return [[right if j == i else (n - right if j == (i + 1) % k else 0) for j in range(k)]
+            for i in range(k)]  # fmt: skip
+
+
+DATA = {"dataset": "fashion_mnist", "backbone": "efficientnet_lite0"}
+
+
+def test_per_class_confusion_time_and_gap(tmp_path):
+    runs = [
+        _dp_run(seed=s, accuracy=a, test_confusion=_cm(a), timings_s={"fit": t, "evaluate": 1.0})
+        for s, (a, t) in enumerate([(0.80, 3.0), (0.90, 5.0), (0.70, 4.0)])
+    ]
+    runs += [
+        _baseline_run("nonprivate_logistic", accuracy=0.95, test_confusion=_cm(0.95), **DATA),
+        _baseline_run("nonprivate_ridge", accuracy=0.97, test_confusion=_cm(0.97), **DATA),
+    ]
+    for r in runs:
+        r["class_names"] = ["tee", "trouser", "bag"]
+    out = build_report(_write_runs(tmp_path, runs), tmp_path / "rep", "t")
+    (dp,) = [r for r in summarize(load_runs(_write_runs(tmp_path / "b", runs))) if r.private]
+    assert dp.median_wall_time_s == pytest.approx(5.0)  # median of 4, 6, 5
+    assert dp.probe == "nonprivate_logistic"  # the logistic probe, not the best baseline
+    assert dp.gap_to_probe_pp == pytest.approx(15.0)  # 95 - 80 (median seed)
+    rows = list(csv.DictReader(open(out["per_class"])))
+    dp_rows = [r for r in rows if r["method"] == "dp_ls"]
+    assert [r["seed"] for r in dp_rows] == ["1"] * 3  # the best seed only
+    assert [r["class"] for r in dp_rows] == ["tee", "trouser", "bag"]
+    assert all(float(r["test_accuracy"]) == pytest.approx(0.9) for r in dp_rows)
+    assert {r["method"] for r in rows} == {"dp_ls", "nonprivate_logistic", "nonprivate_ridge"}
+    assert out["confusion"].stat().st_size > 10_000
+    md = out["md"].read_text()
+    assert "Gap to probe (pp)" in md and "| 15.00 |" in md and "per_class.csv" in md
+    assert "not covered by the privacy guarantee" in md
+
+
+def test_epsilon_axes_have_plain_labels_and_no_minor_labels(tmp_path):
+    rows = summarize([_dp_run(epsilon=e, seed=0) for e in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)])
+    fig = plot_accuracy_vs_epsilon(rows, tmp_path / "a.png")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["0.25", "0.5", "1", "2", "4", "8"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True)] in ([], [""] * 0)
+
+
+def test_ledger_composes_subsets_of_the_same_data_together():
+    from pipeline_lib.privacy.events import dp_ls_event, event_to_json
+    from pipeline_lib.privacy.ledger import compose_ledger
+
+    src = "/data/train-images.gz, /data/train-labels.gz [train]"
+    event = event_to_json(dp_ls_event(5.0, 1.0))
+    runs = [
+        _dp_run(dataset="fm", data_source=src, dp_event_json=event),
+        _dp_run(dataset="fm_subset", data_source=src, dp_event_json=event, seed=1),
+        _dp_run(dataset="other", data_source="/other [train]", dp_event_json=event),
+    ]
+    rows = compose_ledger(runs)
+    assert [(r.dataset, r.num_releases) for r in rows] == [("fm, fm_subset", 2), ("other", 1)]
+    assert rows[0].data_source == src

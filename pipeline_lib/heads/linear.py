@@ -31,6 +31,28 @@ def accuracy(
     return num_correct(store, weights, bias, **kw) / store.num_examples
 
 
+def confusion_matrix(
+    store: FeatureStore,
+    weights: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    l2_clip_norm: float,
+    transform: str,
+) -> np.ndarray:
+    """(K, K) int64 counts: row = true label, column = predicted label, streamed."""
+    weights = jnp.asarray(weights, jnp.float32)
+    k = weights.shape[1]
+    bias = jnp.zeros(k, jnp.float32) if bias is None else jnp.asarray(bias)
+    counts = np.zeros((k, k), np.int64)
+    for feats, labels in store.iter_chunks():
+        logits = predict_logits(
+            weights, bias, feats, l2_clip_norm=float(l2_clip_norm), transform=transform
+        )
+        pred = np.asarray(jnp.argmax(logits, axis=-1))
+        np.add.at(counts, (np.asarray(labels, np.int64), pred), 1)
+    return counts
+
+
 def num_correct(
     store: FeatureStore,
     weights: np.ndarray,

@@ -13,9 +13,10 @@ have to be added up as basic composition would.
 
 Two runs never share noise (every job draws a fresh secret base key, see
 ``pipeline_lib.privacy.noise.NoiseKey``), which composition requires. The
-ledger groups by dataset key: two keys naming the same underlying data (for
-example a subset) are distinct keys here, and their totals must be added by
-the reader; the report says so.
+ledger groups by the underlying data each run read (``data_source`` in
+metrics.json: the files or TFDS name, and the split), so dataset keys that
+name the same data, a subset (``max_train_examples``) included, are composed
+together; runs from before that field group by dataset key.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ __all__ = ["LedgerRow", "compose_ledger"]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LedgerRow:
-    dataset: str
+    dataset: str  # the dataset key(s) whose runs read this data
     num_releases: int
     experiments: tuple[str, ...]
     delta: float  # the delta at which epsilon_total holds
@@ -44,6 +45,7 @@ class LedgerRow:
     max_run_epsilon: float
     sum_run_epsilon: float  # naive basic composition, for comparison
     num_train: int | None  # N of the dataset's training split (max over runs)
+    data_source: str = ""  # the underlying data (files or TFDS name, and split)
 
     @property
     def meaningful(self) -> bool:
@@ -80,9 +82,11 @@ def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
                     f"{where}: no dp_event_json; rerun it with this version so the "
                     "ledger can compose its release"
                 )
-            by_dataset.setdefault(str(run.get("dataset", "?")), []).append(run)
+            group = str(run.get("data_source") or run.get("dataset", "?"))
+            by_dataset.setdefault(group, []).append(run)
     rows = []
-    for dataset, members in sorted(by_dataset.items()):
+    for source, members in sorted(by_dataset.items()):
+        dataset = ", ".join(sorted({str(r.get("dataset", "?")) for r in members}))
         events = [event_from_json(r["dp_event_json"]) for r in members]
         delta = min(float(r["spent_delta"]) for r in members)
         eps, accountant = _total_epsilon(events, delta)
@@ -98,6 +102,7 @@ def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
                 max_run_epsilon=max(float(r["spent_epsilon"]) for r in members),
                 sum_run_epsilon=sum(float(r["spent_epsilon"]) for r in members),
                 num_train=max(sizes) if sizes else None,
+                data_source=source if any(r.get("data_source") for r in members) else "",
             )
         )
     return rows

@@ -28,6 +28,20 @@ rule report_experiment:
             subcategory="Accuracy vs epsilon",
             labels={"experiment": "{experiment}", "figure": "accuracy vs epsilon"},
         ),
+        per_class=report(
+            f"{R}/reports/{{experiment}}/per_class.csv",
+            caption="../report/per_class.rst",
+            category="{experiment}",
+            subcategory="Tables",
+            labels={"experiment": "{experiment}", "table": "per-class accuracy (best seed)"},
+        ),
+        confusion=report(
+            f"{R}/reports/{{experiment}}/confusion.png",
+            caption="../report/confusion.rst",
+            category="{experiment}",
+            subcategory="Confusion matrices",
+            labels={"experiment": "{experiment}", "figure": "confusion matrices (best seed)"},
+        ),
     log:
         f"{R}/logs/report_experiment/{{experiment}}.log",
     params:
