@@ -27,6 +27,7 @@ selected and so what the reported epsilon covers.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import json
@@ -454,172 +455,215 @@ def _noise(exp: dict, where: str) -> dict:
     raise ConfigError(f"{where}: noise.mode={mode!r}; allowed: ['secret', 'reproducible']")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One experiment after validation: everything its runs are made of."""
+
+    name: str
+    datasets: list[str]
+    backbones: list[str]
+    image_size: int
+    delta: float
+    epsilons: list[float]
+    seeds: list[int]
+    accountant: str
+    tuning: dict | None
+    noise: dict
+    methods: list[tuple[str, bool, list]]  # (method, private, candidate heads)
+
+
+def _validate(config: dict, name: str, exp_in: Any) -> _Plan:
+    """Check one experiment's keys against each other and the config; apply defaults."""
+    datasets = config.get("datasets") or {}
+    where = f"experiment {name!r}"
+    check_name("experiment", name, "experiments")
+    if not isinstance(exp_in, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys, got {exp_in!r}")
+    exp = {**EXPERIMENT_DEFAULTS, **exp_in}
+    for key in ("image_size", "epsilons", "delta", "seeds"):
+        if key not in exp:
+            raise ConfigError(f"{where}: missing required key {key!r}")
+    if ("dataset" in exp) == ("datasets" in exp):
+        raise ConfigError(f"{where}: give exactly one of 'dataset' or 'datasets'")
+    if ("backbone" in exp) == ("backbones" in exp):
+        raise ConfigError(f"{where}: give exactly one of 'backbone' or 'backbones'")
+    exp_datasets = _as_list(exp.get("dataset", exp.get("datasets")), "datasets", where)
+    exp_backbones = _as_list(exp.get("backbone", exp.get("backbones")), "backbones", where)
+    for dataset in exp_datasets:
+        if dataset not in datasets:
+            raise ConfigError(
+                f"{where}: dataset {dataset!r} is not defined under 'datasets' in config.yaml "
+                f"(defined: {sorted(datasets)})"
+            )
+        _check_data_path(config, dataset)
+    backbones_known = _known_backbones(config)
+    for backbone in exp_backbones:
+        if backbone not in backbones_known:
+            raise ConfigError(
+                f"{where}: backbone {backbone!r} is unknown; built in or defined under "
+                f"'backbones' in config.yaml: {backbones_known}"
+            )
+        _check_checkpoint(config, backbone)
+    image_size = int(exp["image_size"])
+    if image_size < 16:
+        raise ConfigError(f"{where}: image_size={image_size} must be >= 16")
+    delta = float(exp["delta"])
+    epsilons = [float(e) for e in _as_list(exp["epsilons"], "epsilons", where)]
+    seeds = [int(s) for s in _as_list(exp["seeds"], "seeds", where)]
+    accountant = exp["accountant"]
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"{where}: accountant={accountant!r}; allowed: {list(ACCOUNTANTS)}")
+    _check_budgets(config, where, exp_datasets, epsilons, delta)
+    tuning = _tuning(exp, where, datasets)
+    return _Plan(
+        name=name,
+        datasets=exp_datasets,
+        backbones=exp_backbones,
+        image_size=image_size,
+        delta=delta,
+        epsilons=epsilons,
+        seeds=seeds,
+        accountant=accountant,
+        tuning=tuning,
+        noise=_noise(exp, where),
+        methods=_methods(exp, where, accountant, tuning),
+    )
+
+
+def _check_budgets(config, where, datasets, epsilons, delta) -> None:
+    for eps in epsilons:
+        try:
+            check_budget(eps, delta)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    for dataset in datasets:
+        n = _known_num_train(config, dataset)
+        if n is not None:
+            try:
+                check_budget(epsilons[0], delta, int(n))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{where}, key delta, dataset {dataset!r}: {exc}; lower delta "
+                    f"(e.g. delta: {_delta_suggestion(int(n))}) or use more examples"
+                ) from exc
+    if len(set(budget_name(e) for e in epsilons)) != len(epsilons):
+        raise ConfigError(f"{where}: epsilons={epsilons} has duplicates")
+
+
+def _methods(exp: dict, where: str, accountant: str, tuning) -> list[tuple[str, bool, list]]:
+    """(method, private, candidate heads) for every method and baseline of the experiment."""
+    methods, baselines = exp["methods"] or {}, exp["baselines"] or {}
+    if not methods and not baselines:
+        raise ConfigError(f"{where}: needs at least one entry under 'methods' or 'baselines'")
+    rows = []
+    for group, entries, private in (("methods", methods, True), ("baselines", baselines, False)):
+        for method, params in entries.items():
+            mwhere = f"{where}, {group}.{method}"
+            if method not in HEADS:
+                raise ConfigError(f"{mwhere}: unknown method; known: {sorted(HEADS)}")
+            if HEADS[method].private != private:
+                kind = "private" if HEADS[method].private else "non-private"
+                raise ConfigError(f"{mwhere}: {method} is {kind}; list it under the other key")
+            candidates = []
+            for cand in _candidates(params, mwhere):
+                if private:
+                    cand.setdefault("accountant", accountant)
+                try:
+                    candidates.append(make_head(method, cand, where=mwhere))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from exc
+            if not private and len(candidates) > 1:
+                raise ConfigError(
+                    f"{mwhere}: baselines take single values, not grids (a best-of-grid "
+                    "non-private number would be a tuned number presented as a reference)"
+                )
+            if private and len(candidates) > 1 and tuning is None:
+                raise ConfigError(
+                    f"{mwhere}: has a grid of {len(candidates)} candidates but the experiment "
+                    "has no 'tuning' block; add tuning: {selection: private} (cost "
+                    "accounted) or {selection: public, public_dataset: <key>}"
+                )
+            rows.append((method, private, candidates))
+    return rows
+
+
+def _candidate_rows(config, plan: _Plan, dataset, backbone, method, heads, tuning) -> list[dict]:
+    """Each candidate's hyperparameters and the statistics files it reads."""
+    fraction = (
+        tuning["validation_fraction"]
+        if tuning and tuning["selection"] in HOLDOUT_SELECTIONS
+        else None
+    )
+    r = config.get("results_dir", "results")
+    cands = []
+    for h in heads:
+        uses = method in STATS_HEADS
+        cand = {
+            "hyperparameters": h.hyperparameters(),
+            "uses_stats": uses,
+            "transform": h.feature_transform,
+            "l2_clip_norm": h.l2_clip_norm,
+        }
+        size_args = (r, dataset, backbone, plan.image_size, cand["transform"])
+        clip = cand["l2_clip_norm"]
+        cand["stats_file"] = stats_path(*size_args, clip, part_name(fraction)) if uses else None
+        if tuning and tuning["selection"] == "public":
+            pub = (r, tuning["public_dataset"], *size_args[2:])
+            cand["public_stats_file"] = stats_path(*pub, clip, "all") if uses else None
+            cand["final_stats_file"] = stats_path(*size_args, clip, "all") if uses else None
+        cands.append(cand)
+    return cands
+
+
+def _rows(config: dict, plan: _Plan) -> list[dict]:
+    """One run dict per (dataset, backbone, method, epsilon, seed) of a validated plan."""
+    runs = []
+    for dataset, backbone in itertools.product(plan.datasets, plan.backbones):
+        for method, private, heads in plan.methods:
+            tuning = plan.tuning if private and len(heads) > 1 else None
+            cands = _candidate_rows(config, plan, dataset, backbone, method, heads, tuning)
+            fraction = (
+                tuning["validation_fraction"]
+                if tuning and tuning["selection"] in HOLDOUT_SELECTIONS
+                else None
+            )
+            for eps in plan.epsilons if private else [None]:
+                for seed in plan.seeds if private else plan.seeds[:1]:
+                    runs.append(
+                        dict(
+                            experiment=plan.name,
+                            dataset=dataset,
+                            backbone=backbone,
+                            image_size=plan.image_size,
+                            method=method,
+                            private=private,
+                            epsilon=eps,
+                            delta=plan.delta if private else None,
+                            accountant=plan.accountant if private else None,
+                            budget=budget_name(eps),
+                            seed=seed,
+                            hyperparameters=cands[0]["hyperparameters"],
+                            candidates=cands,
+                            tuning=copy.deepcopy(tuning),
+                            noise=dict(plan.noise) if private else None,
+                            part=part_name(fraction),
+                            uses_stats=method in STATS_HEADS,
+                            transform=cands[0]["transform"],
+                            l2_clip_norm=cands[0]["l2_clip_norm"],
+                        )
+                    )
+    return runs
+
+
 def _expand_uncached(config: dict) -> list[dict]:
+    """Validate every experiment, then build its runs."""
     experiments = config.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
         raise ConfigError(
             "config key 'experiments' must be a non-empty mapping of named experiments"
         )
-    datasets = config.get("datasets") or {}
-    backbones_known = _known_backbones(config)
-    runs = []
-    for name, exp_in in experiments.items():
-        where = f"experiment {name!r}"
-        check_name("experiment", name, "experiments")
-        if not isinstance(exp_in, dict):
-            raise ConfigError(f"{where}: must be a mapping of keys, got {exp_in!r}")
-        exp = {**EXPERIMENT_DEFAULTS, **exp_in}
-        for key in ("image_size", "epsilons", "delta", "seeds"):
-            if key not in exp:
-                raise ConfigError(f"{where}: missing required key {key!r}")
-        if ("dataset" in exp) == ("datasets" in exp):
-            raise ConfigError(f"{where}: give exactly one of 'dataset' or 'datasets'")
-        if ("backbone" in exp) == ("backbones" in exp):
-            raise ConfigError(f"{where}: give exactly one of 'backbone' or 'backbones'")
-        exp_datasets = _as_list(exp.get("dataset", exp.get("datasets")), "datasets", where)
-        exp_backbones = _as_list(exp.get("backbone", exp.get("backbones")), "backbones", where)
-        for dataset in exp_datasets:
-            if dataset not in datasets:
-                raise ConfigError(
-                    f"{where}: dataset {dataset!r} is not defined under 'datasets' in config.yaml "
-                    f"(defined: {sorted(datasets)})"
-                )
-            _check_data_path(config, dataset)
-        for backbone in exp_backbones:
-            if backbone not in backbones_known:
-                raise ConfigError(
-                    f"{where}: backbone {backbone!r} is unknown; built in or defined under "
-                    f"'backbones' in config.yaml: {backbones_known}"
-                )
-            _check_checkpoint(config, backbone)
-        image_size = int(exp["image_size"])
-        if image_size < 16:
-            raise ConfigError(f"{where}: image_size={image_size} must be >= 16")
-        delta = float(exp["delta"])
-        epsilons = [float(e) for e in _as_list(exp["epsilons"], "epsilons", where)]
-        seeds = [int(s) for s in _as_list(exp["seeds"], "seeds", where)]
-        accountant = exp["accountant"]
-        if accountant not in ACCOUNTANTS:
-            raise ConfigError(f"{where}: accountant={accountant!r}; allowed: {list(ACCOUNTANTS)}")
-        for eps in epsilons:
-            try:
-                check_budget(eps, delta)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from exc
-        for dataset in exp_datasets:
-            n = _known_num_train(config, dataset)
-            if n is not None:
-                try:
-                    check_budget(epsilons[0], delta, int(n))
-                except ValueError as exc:
-                    raise ConfigError(
-                        f"{where}, key delta, dataset {dataset!r}: {exc}; lower delta "
-                        f"(e.g. delta: {_delta_suggestion(int(n))}) or use more examples"
-                    ) from exc
-        if len(set(budget_name(e) for e in epsilons)) != len(epsilons):
-            raise ConfigError(f"{where}: epsilons={epsilons} has duplicates")
-        tuning = _tuning(exp, where, datasets)
-        noise_cfg = _noise(exp, where)
-        methods, baselines = exp["methods"] or {}, exp["baselines"] or {}
-        if not methods and not baselines:
-            raise ConfigError(f"{where}: needs at least one entry under 'methods' or 'baselines'")
-        method_rows = []
-        for group, entries, private in (
-            ("methods", methods, True),
-            ("baselines", baselines, False),
-        ):
-            for method, params in entries.items():
-                mwhere = f"{where}, {group}.{method}"
-                if method not in HEADS:
-                    raise ConfigError(f"{mwhere}: unknown method; known: {sorted(HEADS)}")
-                if HEADS[method].private != private:
-                    kind = "private" if HEADS[method].private else "non-private"
-                    raise ConfigError(f"{mwhere}: {method} is {kind}; list it under the other key")
-                candidates = []
-                for cand in _candidates(params, mwhere):
-                    if private:
-                        cand.setdefault("accountant", accountant)
-                    try:
-                        head = make_head(method, cand, where=mwhere)
-                    except ValueError as exc:
-                        raise ConfigError(str(exc)) from exc
-                    candidates.append(head)
-                if not private and len(candidates) > 1:
-                    raise ConfigError(
-                        f"{mwhere}: baselines take single values, not grids (a best-of-grid "
-                        "non-private number would be a tuned number presented as a reference)"
-                    )
-                if private and len(candidates) > 1 and tuning is None:
-                    raise ConfigError(
-                        f"{mwhere}: has a grid of {len(candidates)} candidates but the experiment "
-                        "has no 'tuning' block; add tuning: {selection: private} (cost "
-                        "accounted) or {selection: public, public_dataset: <key>}"
-                    )
-                method_rows.append((method, private, candidates))
-        for dataset, backbone in itertools.product(exp_datasets, exp_backbones):
-            common = {
-                "experiment": name,
-                "dataset": dataset,
-                "backbone": backbone,
-                "image_size": image_size,
-            }
-            for method, private, heads in method_rows:
-                tuned = private and len(heads) > 1
-                run_tuning = tuning if tuned else None
-                fraction = (
-                    run_tuning["validation_fraction"]
-                    if run_tuning and run_tuning["selection"] in HOLDOUT_SELECTIONS
-                    else None
-                )
-                cands = [
-                    {
-                        "hyperparameters": h.hyperparameters(),
-                        "uses_stats": method in STATS_HEADS,
-                        "transform": h.feature_transform,
-                        "l2_clip_norm": h.l2_clip_norm,
-                    }
-                    for h in heads
-                ]
-                r = config.get("results_dir", "results")
-                for cand in cands:
-                    size_args = (r, dataset, backbone, image_size, cand["transform"])
-                    uses = cand["uses_stats"]
-                    cand["stats_file"] = (
-                        stats_path(*size_args, cand["l2_clip_norm"], part_name(fraction))
-                        if uses
-                        else None
-                    )
-                    if run_tuning and run_tuning["selection"] == "public":
-                        pub = (r, run_tuning["public_dataset"], *size_args[2:])
-                        cand["public_stats_file"] = (
-                            stats_path(*pub, cand["l2_clip_norm"], "all") if uses else None
-                        )
-                        cand["final_stats_file"] = (
-                            stats_path(*size_args, cand["l2_clip_norm"], "all") if uses else None
-                        )
-                for eps in epsilons if private else [None]:
-                    for seed in seeds if private else seeds[:1]:
-                        runs.append(
-                            dict(
-                                common,
-                                method=method,
-                                private=private,
-                                epsilon=eps,
-                                delta=delta if private else None,
-                                accountant=accountant if private else None,
-                                budget=budget_name(eps),
-                                seed=seed,
-                                hyperparameters=cands[0]["hyperparameters"],
-                                candidates=cands,
-                                tuning=copy.deepcopy(run_tuning),
-                                noise=dict(noise_cfg) if private else None,
-                                part=part_name(fraction),
-                                uses_stats=method in STATS_HEADS,
-                                transform=cands[0]["transform"],
-                                l2_clip_norm=cands[0]["l2_clip_norm"],
-                            )
-                        )
-    return runs
+    plans = [_validate(config, name, exp) for name, exp in experiments.items()]
+    return [run for plan in plans for run in _rows(config, plan)]
 
 
 @functools.lru_cache(maxsize=8)
