@@ -15,6 +15,7 @@ from pipeline_lib import experiments as xp
 from pipeline_lib.classify import ClassifyError, classify
 from pipeline_lib.data.sources import FASHION_MNIST_CLASS_NAMES
 from pipeline_lib.heads.released import load_head
+from pipeline_lib.run_outputs import write_run_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -91,7 +92,7 @@ def test_head_stores_class_names_and_feature_provenance(released):
     feats = head.metadata["features"]
     assert feats["backbone"] == "efficientnet_lite0" and feats["image_size"] == 32
     assert len(feats["checkpoint_sha256"]) == 64
-    assert "resize to 32px" in feats["preprocessing"]
+    assert "to 32px" in feats["preprocessing"]
     assert (feats["batch_size"], feats["chunk_rows"]) == (32, 64)
     assert metrics["class_names"] == list(FASHION_MNIST_CLASS_NAMES)
 
@@ -176,13 +177,14 @@ def test_a_different_checkpoint_is_refused(released, tmp_path):
         weights, bias, metadata = z["weights"], z["bias"], json.loads(str(z["metadata"]))
     metadata["features"]["checkpoint_sha256"] = "0" * 64
     other = tmp_path / "head.npz"
-    np.savez(other, weights=weights, bias=bias, metadata=np.array(json.dumps(metadata)))
+    params = {"weights": weights, "bias": bias}
+    write_run_outputs(other, tmp_path / "metrics.json", params, metadata)  # intact, checksummed
     with pytest.raises(ClassifyError, match=r"checkpoint has sha256 [0-9a-f]{64}, but the head"):
         classify(other, out=tmp_path / "p.csv", dataset="fm_tiny", config=CONFIG)
     assert not (tmp_path / "p.csv").exists()
 
     del metadata["features"]
-    np.savez(other, weights=weights, bias=bias, metadata=np.array(json.dumps(metadata)))
+    write_run_outputs(other, tmp_path / "metrics.json", params, metadata)
     with pytest.raises(ClassifyError, match="does not record how its features were made"):
         classify(other, out=tmp_path / "p.csv", dataset="fm_tiny", config=CONFIG)
 
