@@ -150,7 +150,7 @@ def _file_source(files: Sequence[str], head: ReleasedHead) -> tuple[FileImages, 
 
 def checkpoint_sha256(name: str, backbone_options: dict) -> str:
     """sha256 of the checkpoint file that backbone ``name`` would load, without loading it."""
-    from pipeline_lib.backbones import checkpoint_path
+    from pipeline_lib.backbones import checkpoint_path, handcrafted_sha256
     from pipeline_lib.backbones.checkpoints import fetch_checkpoint, sha256_file
 
     spec = backbone_options.get("spec")
@@ -164,6 +164,8 @@ def checkpoint_sha256(name: str, backbone_options: dict) -> str:
         )
         return sha256
     builtin = name if spec is None else f"efficientnet_{spec.get('variant')}"
+    if (descriptor_sha256 := handcrafted_sha256(builtin)) is not None:
+        return descriptor_sha256  # no weights: the sha256 of the transform's parameters
     return sha256_file(checkpoint_path(builtin))
 
 

@@ -345,7 +345,7 @@ def _known_num_train(config: dict, dataset: str) -> int | None:
 def _check_checkpoint(config: dict, backbone: str) -> None:
     """A backbone whose checkpoint is neither on disk nor allowed to be downloaded is an
     error when the run is planned (the hint to allow the network only for remote files)."""
-    from pipeline_lib.backbones import checkpoint_path, list_backbones
+    from pipeline_lib.backbones import checkpoint_path, handcrafted_sha256, list_backbones
     from pipeline_lib.backbones.checkpoints import (
         DEFAULT_CACHE_DIR,
         CheckpointError,
@@ -357,7 +357,7 @@ def _check_checkpoint(config: dict, backbone: str) -> None:
     where = f"backbones.{backbone}"
     if spec is None or spec.get("model") != "vit":
         builtin = backbone if spec is None else f"efficientnet_{spec.get('variant')}"
-        if builtin in list_backbones():
+        if builtin in list_backbones() and handcrafted_sha256(builtin) is None:
             try:
                 checkpoint_path(builtin)
             except Exception as exc:  # noqa: BLE001 - MissingWeightsError names the package

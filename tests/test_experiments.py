@@ -512,3 +512,20 @@ def test_a_number_as_experiment_name_says_to_quote_it(tmp_path):
     path = _write(tmp_path, GOOD.replace("  a:\n", "  2024:\n"))
     with pytest.raises(xp.ConfigError, match=r"experiment name 2024 is read by YAML as a int"):
         xp.load_experiments(path)
+
+
+def test_scatternet_plans_without_a_checkpoint(monkeypatch):
+    """A handcrafted backbone has no weights file: planning never asks for one."""
+    from pipeline_lib import backbones
+
+    def no_file(name):
+        raise AssertionError(f"checkpoint_path({name!r}) called for a handcrafted backbone")
+
+    monkeypatch.setattr(backbones, "checkpoint_path", no_file)
+    cfg = copy.deepcopy(BASE)
+    cfg["results_dir"] = "scatternet_results"  # expand_runs memoises by config content
+    cfg["experiments"]["e1"].update(backbone="scatternet", image_size=28)
+    runs = xp.expand_runs(cfg)
+    assert len(runs) == 8
+    inputs = xp.run_inputs(cfg, runs[0])
+    assert inputs["train"] == "scatternet_results/features/fm/scatternet/28px/train.zarr"

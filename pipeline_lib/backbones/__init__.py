@@ -8,6 +8,11 @@ its pre-trained weights (from a pip-installed checkpoint, verified by sha256)::
     out = backbone.module.apply(variables, backbone.preprocess(images))
     features = out["pre_logits"]  # (B, backbone.feature_dim)
 
+Handcrafted backbones (``scatternet``, the wavelet scattering transform of Tramer & Boneh)
+have no weights: ``load_variables()`` returns empty variables and, in place of a file's
+sha256, the sha256 of a descriptor naming every parameter of the transform
+(``handcrafted_sha256``).
+
 Backbones with user-supplied checkpoints (ViT) are described by a config entry
 ``backbones.<name>`` and built with ``get_backbone(name, spec=entry, cache_dir=...)``;
 see ``pipeline_lib.backbones.vit`` and ``pipeline_lib.backbones.checkpoints``.
@@ -25,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pipeline_lib.backbones import efficientnet_lite, vit, vit_timm
+from pipeline_lib.backbones import efficientnet_lite, scatternet, vit, vit_timm
 from pipeline_lib.backbones.checkpoints import (
     DEFAULT_CACHE_DIR,
     CheckpointError,
@@ -47,6 +52,7 @@ __all__ = [
     "default_depthwise_impl",
     "DEFAULT_CACHE_DIR",
     "get_backbone",
+    "handcrafted_sha256",
     "list_backbones",
     "matmul_precision",
 ]
@@ -62,8 +68,10 @@ class MissingWeightsError(ImportError):
 class Backbone:
     """A frozen feature extractor.
 
-    ``module.apply(variables, x)`` maps preprocessed images ``x`` (B, H, W, 3) to
-    ``{'pre_logits': (B, feature_dim), 'logits': (B, num_classes)}``, both float32.
+    ``module.apply(variables, x)`` maps preprocessed images ``x`` (``preprocess``'s
+    output: (B, H, W, 3), or (B, H, W) grayscale for ScatterNet) to
+    ``{'pre_logits': (B, feature_dim), ...}`` in float32, with the ImageNet ``'logits'``
+    (B, num_classes) for pre-trained backbones.
     """
 
     name: str
@@ -103,8 +111,18 @@ _EFFICIENTNET_LITE = {
 }
 
 
+# name -> sha256 of the descriptor of a backbone without weights (what stores record).
+_HANDCRAFTED = {"scatternet": scatternet.CHECKPOINT_SHA256}
+
+
 def list_backbones() -> list[str]:
-    return sorted(_EFFICIENTNET_LITE)
+    return sorted(set(_EFFICIENTNET_LITE) | set(_HANDCRAFTED))
+
+
+def handcrafted_sha256(name: str) -> str | None:
+    """The "checkpoint sha256" of a backbone without weights (the sha256 of the descriptor
+    of its parameters), or None if ``name`` is not a handcrafted backbone."""
+    return _HANDCRAFTED.get(name)
 
 
 def _sha256(path: str) -> str:
@@ -117,6 +135,11 @@ def _sha256(path: str) -> str:
 
 def checkpoint_path(name: str) -> str:
     """Path of the pip-installed checkpoint file of backbone ``name``."""
+    if name in _HANDCRAFTED:
+        raise ValueError(
+            f"backbone {name!r} is handcrafted and has no checkpoint file; its store attribute "
+            "checkpoint_sha256 is handcrafted_sha256(name)"
+        )
     if name not in _EFFICIENTNET_LITE:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
     _, package, module_name, helper = _EFFICIENTNET_LITE[name]
@@ -200,6 +223,8 @@ def get_backbone(
         return _backbone_from_spec(
             name, spec, dtype=dtype, depthwise_impl=depthwise_impl, cache_dir=cache_dir
         )
+    if name == "scatternet":
+        return _scatternet_backbone(dtype=dtype, depthwise_impl=depthwise_impl)
     if name not in _EFFICIENTNET_LITE:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {list_backbones()}")
     return _efficientnet_lite_backbone(name, name, dtype=dtype, depthwise_impl=depthwise_impl)
@@ -225,6 +250,36 @@ def _efficientnet_lite_backbone(
         image_preprocessing=PRESETS["efficientnet_lite"],
         _preprocess_fn=efficientnet_lite.preprocess_images,
         _load_fn=lambda image_size: _load_efficientnet_lite(builtin),
+    )
+
+
+def _scatternet_backbone(*, dtype: str, depthwise_impl: str | None) -> Backbone:
+    if dtype != "float32":
+        raise ValueError(
+            f"backbone 'scatternet' computes in float32 only (kymatio's FFTs), not {dtype!r}; "
+            "set extraction.dtype: float32"
+        )
+    if depthwise_impl is not None:
+        raise ValueError("depthwise_impl applies to EfficientNet-Lite only, not 'scatternet'")
+
+    def load(image_size: int | None) -> tuple[dict, str]:
+        if image_size not in (None, scatternet.IMAGE_SIZE):
+            raise ValueError(
+                f"backbone 'scatternet' is defined at image_size {scatternet.IMAGE_SIZE} "
+                f"(feature_dim {scatternet.FEATURE_DIM}, as Tramer & Boneh), not {image_size}: "
+                "its feature length grows with the image; set image_size: 28"
+            )
+        return {}, scatternet.CHECKPOINT_SHA256
+
+    return Backbone(
+        name="scatternet",
+        module=scatternet.ScatterNet(),
+        native_image_size=scatternet.IMAGE_SIZE,
+        feature_dim=scatternet.FEATURE_DIM,
+        preprocessing=scatternet.PREPROCESSING,
+        image_preprocessing=scatternet.IMAGE_PREPROCESSING,
+        _preprocess_fn=scatternet.preprocess_images,
+        _load_fn=load,
     )
 
 

@@ -22,10 +22,11 @@ from pipeline_lib.backbones import (
 )
 
 NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+HANDCRAFTED = ["scatternet"]
 
 
 def test_list_backbones():
-    assert list_backbones() == NAMES
+    assert list_backbones() == NAMES + HANDCRAFTED
 
 
 @pytest.mark.parametrize("name,size", list(zip(NAMES, [224, 240, 260], strict=True)))
