@@ -151,8 +151,14 @@ def memory_mb(value: str) -> int:
 
 
 def rule_of(job: dict[str, str]) -> str:
-    """The executor labels each SLURM job with --comment rule_<name>[_wildcards_...]."""
-    return job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+    """The executor labels each SLURM job with --comment rule_<name>[_wildcards_...]; a group
+    job is labelled with its group (profiles/slurm: `heads`, the fit_head jobs)."""
+    name = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+    return GROUP if name.startswith(GROUP) else name
+
+
+GROUP = "heads"
+GROUPED_RULES = {r for r, g in PROFILE["groups"].items() if g == GROUP}
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +176,8 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
     work, out = slurm_run
     counts = job_stats(out)
     ids = SUBMITTED.findall(out)
-    # every job except the target rule `all` (which runs nothing) was an sbatch submission
-    assert len(ids) == len(set(ids)) == counts["total"] - 1, (counts, ids)
+    grouped = sum(counts.get(r, 0) for r in GROUPED_RULES)
+    assert grouped == 20, counts  # 20 head runs
     assert f"{counts['total']} of {counts['total']} steps (100%) done" in out
 
     squeue = subprocess.run(
@@ -190,15 +196,23 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
         job = slurm_job(job_id)
         rule = rule_of(job)
         per_rule[rule] = per_rule.get(rule, 0) + 1
-        want = PROFILE["set-resources"][rule]
+        # a group job runs its jobs one after another (head_slots): one fit_head's request
+        want = PROFILE["set-resources"]["fit_head" if rule == GROUP else rule]
+        threads = PROFILE["set-threads"]["fit_head" if rule == GROUP else rule]
         assert job["Partition"] == "ci"
-        assert job["NumCPUs"] == str(PROFILE["set-threads"][rule]), (rule, job["NumCPUs"])
+        assert job["NumCPUs"] == str(threads), (rule, job["NumCPUs"])
         assert memory_mb(job["MinMemoryNode"]) == want["mem_mb"], (rule, job["MinMemoryNode"])
         if want.get("gpu"):
             assert job.get("TresPerJob") == f"gres:gpu:{want['gpu']}", (rule, job)
         else:
             assert "gpu" not in job.get("TresPerJob", ""), (rule, job)
-    assert per_rule == {r: n for r, n in counts.items() if r not in ("all", "total")}
+    # every job outside the group (but the target rule `all`) was one sbatch submission; the
+    # 20 head runs went in ceil(20 / 16) = 2 (group-components: 16 runs per SLURM job)
+    singles = {r: n for r, n in counts.items() if r not in ("all", "total", *GROUPED_RULES)}
+    assert {r: n for r, n in per_rule.items() if r != GROUP} == singles, (per_rule, counts)
+    per_part = PROFILE["group-components"][GROUP]
+    assert per_rule[GROUP] == -(-grouped // per_part), (per_rule, grouped)
+    assert len(ids) == len(set(ids)) == sum(singles.values()) + per_rule[GROUP]
     assert any(PROFILE["set-resources"][r].get("gpu") for r in per_rule), "no GPU job ran"
 
     report = work / "results" / "reports" / "tiny"
@@ -240,37 +254,42 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     # ... and its traceback shows that the SLURM job ran this checkout's code (sbatch
     # --export=ALL passes PYTHONPATH and PATH on to the job)
     assert str(ROOT / "pipeline_lib" / "runner.py") in out, out[-4000:]
+    # both runs are in one group job, which fails as a whole
     jobs = {i: slurm_job(i) for i in SUBMITTED.findall(out)}
     states = {job["JobState"]: rule_of(job) for job in jobs.values()}
-    assert states == {"FAILED": "fit_head", "COMPLETED": "fit_head"}, states
-    (failed_id,) = [i for i, job in jobs.items() if job["JobState"] == "FAILED"]
-    assert "broken_" in jobs[failed_id]["Comment"] and "dp_sgd" in jobs[failed_id]["Comment"]
+    assert states == {"FAILED": GROUP}, states
+    (failed_id,) = jobs
     assert f"SLURM-job '{failed_id}' failed" in out  # snakemake names the SLURM job
     runs = (
         work / "results" / "runs" / "broken" / "fashion_mnist_tiny" / "efficientnet_lite0" / "32px"
     )
     ridge = runs / "nonprivate_ridge" / "nonprivate" / "seed0" / "metrics.json"
-    assert ridge.exists()  # keep-going: the independent job still finished
+    # Inside a group job a failure stops the jobs not yet started; the ridge run either ran
+    # before it (and keep-incomplete keeps it: a finished run is never deleted) or never ran.
+    ridge_done = ridge.exists()
+    print("ridge finished before the failure:", ridge_done)
     assert not list((runs / "dp_sgd").rglob("metrics.json"))
     assert not (work / "results" / "reports" / "broken").exists()
-    ridge_mtime = ridge.stat().st_mtime_ns
+    ridge_mtime = ridge.stat().st_mtime_ns if ridge_done else None
 
     exps["experiments"]["broken"]["methods"]["dp_sgd"]["batch_size"] = 128  # the fix
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
     rerun = snakemake_slurm(work, timeout=600)
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-6000:]
-    # only the failed head and the reports that waited for it
+    # only the failed head (and the ridge run if it never ran) and the reports that waited
+    heads = 1 if ridge_done else 2
     assert job_stats(out) == {
-        "fit_head": 1,
+        "fit_head": heads,
         "report_experiment": 1,
         "report_index": 1,
         "all": 1,
-        "total": 4,
+        "total": 3 + heads,
     }
     ids = SUBMITTED.findall(out)
     rules = sorted(rule_of(slurm_job(i)) for i in ids)
-    assert rules == ["fit_head", "report_experiment", "report_index"]
+    assert rules == ["report_experiment", "report_index", GROUP]
     assert all(slurm_job(i)["JobState"] == "COMPLETED" for i in ids)
-    assert ridge.stat().st_mtime_ns == ridge_mtime
+    if ridge_done:
+        assert ridge.stat().st_mtime_ns == ridge_mtime
     assert (work / "results" / "reports" / "broken" / "summary.csv").stat().st_size > 0
