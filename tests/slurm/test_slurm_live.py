@@ -133,7 +133,7 @@ def job_stats(text: str) -> dict[str, int]:
 
 
 def slurm_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job` as a dict; finished jobs stay there for MinJobAge=600 s."""
+    """`scontrol show job` as a dict; finished jobs stay there for MinJobAge=3600 s."""
     out = subprocess.run(
         ["scontrol", "show", "job", "-o", job_id],
         capture_output=True,
