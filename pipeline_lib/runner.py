@@ -140,10 +140,16 @@ def _private_record(
     )
 
 
-def _run_untuned(spec, head, train, timings, key: noise.NoiseKey) -> tuple[dict, dict]:
+def _calibrate(head, *, epsilon: float, delta: float, num_examples: int):
+    return head.calibrate(epsilon=epsilon, delta=delta, num_examples=num_examples)
+
+
+def _run_untuned(
+    spec, head, train, timings, key: noise.NoiseKey, calibrate=_calibrate
+) -> tuple[dict, dict]:
     eps, delta = float(spec["epsilon"]), float(spec["delta"])
     t = time.perf_counter()
-    head = head.calibrate(epsilon=eps, delta=delta, num_examples=train.num_examples)
+    head = calibrate(head, epsilon=eps, delta=delta, num_examples=train.num_examples)
     timings["calibrate"] = time.perf_counter() - t
     event = head.dp_event()
     spent = accounting.spend(event, target_epsilon=eps, delta=delta, accountant=head.accountant)
@@ -377,19 +383,23 @@ def run_head(
     head_path: str | os.PathLike,
     public_train_store: str | os.PathLike | None = None,
     public_test_store: str | os.PathLike | None = None,
+    open_store=FeatureStore,
+    calibrate=_calibrate,
 ) -> dict:
     """Run one (experiment, dataset, backbone, method, budget, seed) and write its outputs.
 
     `spec` is one row of `pipeline_lib.experiments.expand_runs`. head.npz is
     written first and metrics.json last, each by atomic rename, so a run with
-    a metrics file is a finished run.
+    a metrics file is a finished run. ``open_store`` and ``calibrate`` let a warm
+    process (`pipeline_lib.sweep`) reuse verified stores and public calibrations;
+    the noise key is drawn here for every call, whatever they are.
     """
     timings: dict[str, float] = {}
     method = spec["method"]
     where = f"experiment {spec['experiment']!r}, method {method!r}"
     heads = [make_head(method, c["hyperparameters"], where=where) for c in spec["candidates"]]
-    train = FeatureStore(train_store)
-    test = FeatureStore(test_store)
+    train = open_store(train_store)
+    test = open_store(test_store)
     if test.feature_dim != train.feature_dim or test.num_classes != train.num_classes:
         raise ValueError(f"{test_store}: feature_dim/num_classes differ from {train_store}")
 
@@ -437,7 +447,9 @@ def run_head(
         )
     elif tuning is None or len(heads) == 1:
         record["noise"] = noise_record(spec)
-        private, out = _run_untuned(spec, heads[0], train, timings, noise_key(spec))
+        private, out = _run_untuned(
+            spec, heads[0], train, timings, noise_key(spec), calibrate=calibrate
+        )
         record.update(private)
     elif tuning["selection"] == "private":
         record["noise"] = noise_record(spec)
@@ -450,7 +462,7 @@ def run_head(
     else:
         if public_train_store is None or public_test_store is None:
             raise ValueError(f"{where}: public selection needs the public dataset's stores")
-        pub_train, pub_test = FeatureStore(public_train_store), FeatureStore(public_test_store)
+        pub_train, pub_test = open_store(public_train_store), open_store(public_test_store)
         record["noise"] = noise_record(spec)
         private, out = _run_public_selection(
             spec, heads, train, pub_train, pub_test, timings, noise_key(spec)

@@ -1,4 +1,10 @@
 # Stage 2: sufficient statistics (cached, never released) and private/non-private heads.
+#
+# Both rules keep one job per run, but `run:` executes it inside the Snakemake process (with
+# force-use-threads, profiles/default), so imports, XLA compilation, verified stores and
+# calibrations are paid once per process, not once per run (pipeline_lib/sweep.py). Each run
+# still draws its own secret noise key and writes its own metrics.json and head.npz.
+from pipeline_lib import sweep
 
 
 rule compute_stats:
@@ -17,10 +23,15 @@ rule compute_stats:
     message:
         "Streaming X^T X and X^T Y of {wildcards.dataset}/{wildcards.backbone} "
         "({wildcards.part}; not released)"
-    conda:
-        "../../environment.yml"
-    script:
-        "../scripts/compute_stats.py"
+    run:
+        sweep.compute_stats_run(
+            input.train,
+            output=output.stats,
+            log_path=log[0],
+            part=params.part,
+            l2_clip_norm=params.l2_clip_norm,
+            transform=params.transform,
+        )
 
 
 rule fit_head:
@@ -38,7 +49,5 @@ rule fit_head:
     message:
         "Fitting {wildcards.method} ({wildcards.budget}, seed {wildcards.seed}) "
         "for {wildcards.experiment} on {wildcards.dataset}/{wildcards.backbone}"
-    conda:
-        "../../environment.yml"
-    script:
-        "../scripts/fit_head.py"
+    run:
+        sweep.fit_run(params.spec, input=input, output=output, log_path=log[0])
