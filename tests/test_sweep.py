@@ -69,7 +69,8 @@ def test_cache_notices_a_damaged_chunk_and_streams_big_stores(tmp_path):
     chunk.write_bytes(b"garbage")  # damaged on disk after it was cached
     with pytest.raises(Exception, match="features|chunk|decode|codec|zstd|Zstd"):
         cache.open(path)
-    assert isinstance(sweep.StoreCache(budget_mb=0.001).open(path), FeatureStore)
+    big = _store(tmp_path / "big.zarr", 600, 1)  # over the budget: streamed, not cached
+    assert isinstance(sweep.StoreCache(budget_mb=0.001).open(big), FeatureStore)
 
 
 def test_calibration_memo_is_exact():
