@@ -31,20 +31,6 @@ K, D, N = 3, 8, 600
 FAULTS = ["delete", "truncate", "flip", "swap"]
 
 
-def _inject(fault: str, target: Path, other: Path) -> None:
-    if fault == "delete":
-        target.unlink()
-    elif fault == "truncate":
-        data = target.read_bytes()
-        target.write_bytes(data[: len(data) // 2])
-    elif fault == "flip":
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        target.write_bytes(bytes(data))
-    else:
-        shutil.copyfile(other, target)
-
-
 def _store(path: Path, seed: int) -> Path:
     centers = np.random.default_rng(12345).normal(size=(K, D)) * 3
     rng = np.random.default_rng(seed)
@@ -161,11 +147,11 @@ STATS_FAULTS = {
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_stats_cache_fault(tmp_path, runs, fault):
+def test_stats_cache_fault(inject_fault, tmp_path, runs, fault):
     run = _fresh(tmp_path, runs)
     run.metrics.unlink()
     run.head.unlink()
-    _inject(fault, run.stats, runs["other"].stats)
+    inject_fault(fault, run.stats, runs["other"].stats)
     with pytest.raises(integrity.IntegrityError) as info:
         run.fit()
     msg = _check_error(info.value, run.stats, STATS_FAULTS[fault], stats_repair_command(run.stats))
@@ -209,12 +195,12 @@ def _summary_without_timings(report) -> list[dict]:
 
 @pytest.mark.parametrize("name", ["head.npz", "metrics.json"])
 @pytest.mark.parametrize("fault", FAULTS)
-def test_run_output_fault(tmp_path, runs, fault, name):
+def test_run_output_fault(inject_fault, tmp_path, runs, fault, name):
     run = _fresh(tmp_path, runs)
     shutil.rmtree(run.report)
     target = run.head if name == "head.npz" else run.metrics
     other = runs["other"].head if name == "head.npz" else runs["other"].metrics
-    _inject(fault, target, other)
+    inject_fault(fault, target, other)
     with pytest.raises(integrity.IntegrityError) as info:
         run.build_report()
     named = HEAD_FAULTS[fault] if name == "head.npz" else "missing|unreadable|checksum|mismatch"
@@ -276,13 +262,13 @@ CKPT_FAULTS = {"delete": "missing", "truncate": "size", "flip": "checksum", "swa
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_cached_checkpoint_fault(tmp_path, server, fault):
+def test_cached_checkpoint_fault(inject_fault, tmp_path, server, fault):
     clean = server.payload
     path, sha = fetch_checkpoint(server.url, cache_dir=tmp_path / "a", allow_network=True)
     server.payload = np.random.default_rng(1).bytes(3000)  # another run got other bytes
     other, _ = fetch_checkpoint(server.url, cache_dir=tmp_path / "b", allow_network=True)
     server.payload = clean
-    _inject(fault, Path(path), Path(other))
+    inject_fault(fault, Path(path), Path(other))
     with pytest.raises(CheckpointError) as info:
         fetch_checkpoint(server.url, cache_dir=tmp_path / "a")  # network off: nothing fetched
     msg = str(info.value)

@@ -78,22 +78,6 @@ def _stats(store_path: Path, out: Path):
     return stats
 
 
-def _inject(fault: str, target: Path, other: Path) -> None:
-    if fault == "delete":
-        target.unlink()
-    elif fault == "truncate":
-        data = target.read_bytes()
-        target.write_bytes(data[: len(data) // 2])
-    elif fault == "flip":
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        target.write_bytes(bytes(data))
-    elif fault == "swap":
-        shutil.copyfile(other, target)
-    else:
-        raise ValueError(fault)
-
-
 # (artifact, file in the store, fault) -> (fault named in the error, text the error names)
 CHUNK = "chunk 2 (rows 128-191)"
 ROWS_TABLE = [
@@ -121,11 +105,11 @@ ROWS_TABLE = [
     "artifact,name,fault,named,where", ROWS_TABLE, ids=[f"{r[0]}-{r[2]}" for r in ROWS_TABLE]
 )
 def test_fault_is_named_blocks_downstream_and_repairs_bit_identically(
-    tmp_path, clean, other_run, assert_same_store, artifact, name, fault, named, where
+    inject_fault, tmp_path, clean, other_run, assert_same_store, artifact, name, fault, named, where
 ):
     store = tmp_path / "train.zarr"
     shutil.copytree(clean, store)
-    _inject(fault, store / name, other_run / name)
+    inject_fault(fault, store / name, other_run / name)
     out = tmp_path / "stats.npz"
 
     with pytest.raises(fs.StoreError) as info:
@@ -154,21 +138,23 @@ def test_fault_is_named_blocks_downstream_and_repairs_bit_identically(
     np.testing.assert_array_equal(got.xty, want.xty)
 
 
-def test_verify_cli_reports_without_repairing(tmp_path, clean, capsys):
+def test_verify_cli_reports_without_repairing(inject_fault, tmp_path, clean, capsys):
     store = tmp_path / "train.zarr"
     shutil.copytree(clean, store)
     assert verify.main([str(store)]) == 0
-    _inject("flip", store / "labels/c/4", None)
+    inject_fault("flip", store / "labels/c/4", None)
     assert verify.main([str(store)]) == 1
     out = capsys.readouterr().out
     assert "chunk 4 (rows 256-299)" in out and "labels/c/4: checksum" in out and "DAMAGED" in out
 
 
-def test_repair_refuses_chunks_that_would_come_out_different(tmp_path, clean, monkeypatch):
+def test_repair_refuses_chunks_that_would_come_out_different(
+    inject_fault, tmp_path, clean, monkeypatch
+):
     """Never a wrong number that looks right: a re-extraction with other bytes is not used."""
     store = tmp_path / "train.zarr"
     shutil.copytree(clean, store)
-    _inject("delete", store / "features/c/1/0", None)
+    inject_fault("delete", store / "features/c/1/0", None)
     real = fs._piece_record
     monkeypatch.setattr(
         fs, "_piece_record", lambda root, key: dict(real(root, key), sha256="0" * 64)
