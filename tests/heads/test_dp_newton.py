@@ -552,9 +552,9 @@ def test_triangular_hessians_equal_the_full_products(monkeypatch, tile_rows):
 @pytest.mark.parametrize("shared_first_step", [True, False])
 def test_triangular_hessians_leave_the_reproducible_fit_unchanged(monkeypatch, shared_first_step):
     data, _, _ = _toy(n=500, d=10, k=4, chunk_rows=128)
-    head = DPNewton(
-        num_steps=3, bias_feature=0.5, shared_first_step=shared_first_step
-    ).calibrate(epsilon=2.0, delta=1e-5)
+    head = DPNewton(num_steps=3, bias_feature=0.5, shared_first_step=shared_first_step).calibrate(
+        epsilon=2.0, delta=1e-5
+    )
     monkeypatch.setattr(dp_newton, "HESSIAN_TILE_ROWS", 4)
     new = head.fit(data, key=rk(11, "tri"))
     monkeypatch.setattr(dp_newton, "accumulate_chunk", _full_product_accumulate)
