@@ -95,7 +95,7 @@ of `HESSIAN_TILE_ROWS`; 60 % of the full product's 2 N (d+1)^2 FLOPs per class
 at d+1 = 1280) and mirrored once per pass. This changes float rounding only:
 the released quantity, its sensitivity and its noise are the same. At N =
 1.28M, d = 1280, K = 1000 one step is still about 2.5e15 FLOPs (7 passes of
-blocks of 151 classes at the default 1 GB budget): see benchmarks/RESULTS.md.
+blocks of 143 classes at the default 1 GB budget): see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
