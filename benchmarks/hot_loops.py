@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline_lib.heads import dp_newton
-from pipeline_lib.heads.logistic_dp import _clipped_grad_sum_jit
+from pipeline_lib.heads.logistic_dp import _bound, _clipped_grad_sum_jit, sub_batch_rows
 from pipeline_lib.heads.stats import StatsMemo, _chunk_stats
 
 SIZES = ((60_000, 10), (1_281_167, 1000))
@@ -177,6 +177,14 @@ def one_size(big_n, k, a, rss0) -> tuple[list, list]:
         a.repeats,
     )
     rows.append((f"DP-SGD step (batch {a.batch})", "same", 4 * a.batch * d * k, t, t))
+    # DP-SGD on a streamed store: every step reads every chunk to draw its Poisson batch.
+    # Before, each whole chunk was bounded (bound_rows); now only the sampled rows are.
+    bound = partial(_bound, l2_clip_norm=1.0, transform="normalize")
+    sub_rows = sub_batch_rows(a.batch)
+    t = timed(lambda: bound(x), a.repeats)
+    rows.append(("DP-SGD streamed step: bound_rows of the rows read", "old", 0, t, t * chunks))
+    t = timed(lambda: bound(x[:sub_rows]), a.repeats)
+    rows.append(("DP-SGD streamed step: bound_rows of the rows read", "new", 0, t, t))
     t_end = timed(lambda: gram(x), a.repeats)  # the load changes: keep the faster reference
     peak = max(peak, 2 * n * d * d / t_end / 1e9)
     notes.append(
