@@ -66,6 +66,7 @@ class LoadedStore(ChunkedRows):
         feats.setflags(write=False)
         labels.setflags(write=False)
         self.path, self.attrs = store.path, store.attrs
+        self.content_digest = store.content_digest  # what stats files are bound to
         self.features, self.labels = feats, labels
         self.num_examples, self.feature_dim = store.num_examples, store.feature_dim
         self.num_classes, self.chunk_rows = store.num_classes, store.chunk_rows

@@ -209,13 +209,15 @@ class BoundedRows:
         xs, ys = [], []
         for c, (feats, labels) in enumerate(self.data.iter_chunks()):
             sel = np.flatnonzero(self._chunk_mask(stream, step, q, c)[: len(labels)])
-            if sel.size:
-                xs.append(np.asarray(self._bound_chunk(feats))[sel])
+            if sel.size:  # keep the raw sampled rows; bound_rows is row-wise, bound them below
+                xs.append(np.asarray(feats, np.float32)[sel])
                 ys.append(np.asarray(labels, np.int32)[sel])
         x = np.concatenate(xs) if xs else np.zeros((0, self.feature_dim), np.float32)
         y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
         for start in range(0, len(y), sub_rows):
             xb, yb, mb = _pad(x[start : start + sub_rows], y[start : start + sub_rows], sub_rows)
+            # padding rows are zero and masked out; bounding a zero row keeps it zero
+            xb = self._bound_chunk(xb) * mb[:, None]
             dw, db = _clipped_grad_sum_jit(params["weights"], params["bias"], xb, yb, mb, **kw)
             gw, gb = gw + dw, gb + db
         return gw, gb
