@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline_lib.heads import make_head
-from pipeline_lib.heads.dp_ls import DPLeastSquares, solve_ridge_psd
+from pipeline_lib.heads.dp_ls import DPLeastSquares
+from pipeline_lib.heads.linear import solve_ridge_psd
 from pipeline_lib.heads.nonprivate import NonPrivateRidge
 from pipeline_lib.heads.stats import SuffStats
 from pipeline_lib.privacy.noise import NoiseKey
