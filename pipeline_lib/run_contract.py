@@ -57,9 +57,8 @@ def _spec_value(spec: Mapping, key: str, where: str, kinds: tuple, *, optional=F
         raise RunSpecError(f"{where}: run spec lacks key {key!r}")
     if value is None and optional:
         return None
-    if isinstance(value, bool) and bool not in kinds:
-        value = _MISSING
-    if value is _MISSING or not isinstance(value, kinds):
+    wrong_bool = isinstance(value, bool) and bool not in kinds  # True is an int to Python
+    if wrong_bool or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds) + (" or null" if optional else "")
         raise RunSpecError(f"{where}: run spec key {key!r} must be {names}, got {value!r}")
     return value

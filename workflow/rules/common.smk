@@ -7,6 +7,7 @@ from pipeline_lib.job_resources import rule_resources  # CPUs, memory, runtime, 
 # the experiment, the key and the value (schema: pipeline_lib/schemas/experiments.schema.yaml).
 config["experiments"] = xp.load_experiments(config["experiments_file"])
 RUNS = xp.expand_runs(config)  # defaults applied here; cross-key checks (datasets, budgets)
+RP = xp.run_patterns(config)  # path patterns of heads.smk and report.smk (one source)
 
 
 def all_reports(cfg):

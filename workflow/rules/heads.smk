@@ -6,8 +6,6 @@
 # still draws its own secret noise key and writes its own metrics.json and head.npz.
 from pipeline_lib import sweep
 
-RP = xp.run_patterns(config)  # every path of stage 2 and the reports (one source)
-
 
 rule compute_stats:
     input:

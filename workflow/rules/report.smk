@@ -1,6 +1,6 @@
 # Aggregation: per-experiment tables and plots, the cross-experiment index and the
 # privacy ledger. Outputs wrapped in report() go into `snakemake --report report.html`.
-# Paths: RP = xp.run_patterns(config) (heads.smk); each builder writes exactly these outputs.
+# Paths: RP = xp.run_patterns(config) (common.smk); each builder writes exactly these outputs.
 
 
 rule report_experiment:
