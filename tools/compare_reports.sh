@@ -24,4 +24,46 @@ PY
 if [[ "${SKIP_BASE:-0}" != 1 ]]; then run "$BASE" "$OUT/base"; fi
 if [[ "${ONLY_BASE:-0}" == 1 ]]; then exit 0; fi
 run "$NEW" "$OUT/new"
-diff -r "$OUT/base/results/reports" "$OUT/new/results/reports" && echo "reports: byte-identical"
+echo "== diff -rq (raw)"
+diff -rq "$OUT/base/results/reports" "$OUT/new/results/reports" && echo "reports: byte-identical"
+echo "== after dropping wall-time columns and the dropped median_train_accuracy column"
+"$PY" - "$OUT/base/results/reports" "$OUT/new/results/reports" <<'PY'
+import csv, io, pathlib, sys
+DROP_CSV = {"median_wall_time_s", "median_train_accuracy"}  # wall time; removed column
+DROP_MD = {"Time (s)"}
+
+def normal(path):
+    data = path.read_bytes()
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(data.decode())))
+        keep = [c for c in (rows[0] if rows else {}) if c not in DROP_CSV]
+        return [[r[c] for c in keep] for r in rows], keep
+    if path.suffix == ".md":
+        out, drop = [], []
+        for line in data.decode().splitlines():
+            cells = line.split(" | ") if line.startswith("| ") else None
+            if cells and any(c.strip() in DROP_MD for c in cells):
+                drop = [i for i, c in enumerate(cells) if c.strip() in DROP_MD]
+            if cells and drop and len(cells) > max(drop):
+                line = " | ".join(c for i, c in enumerate(cells) if i not in drop)
+            elif not line.startswith("|"):
+                drop = []  # the table ended
+            out.append(line)
+        return out
+    return data
+
+base, new = map(pathlib.Path, sys.argv[1:])
+names = sorted({p.relative_to(base) for p in base.rglob("*") if p.is_file()}
+               | {p.relative_to(new) for p in new.rglob("*") if p.is_file()})
+bad = 0
+for name in names:
+    a, b = base / name, new / name
+    if not (a.exists() and b.exists()):
+        print(f"ONLY IN ONE: {name}"); bad += 1
+    elif normal(a) != normal(b):
+        print(f"DIFFERS: {name}"); bad += 1
+    else:
+        print(f"same: {name}" + ("" if a.read_bytes() == b.read_bytes() else " (after normalising)"))
+print("RESULT:", "identical apart from wall time and train accuracy" if not bad else f"{bad} differ")
+sys.exit(1 if bad else 0)
+PY
