@@ -189,11 +189,12 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
 
 def fit_run(spec: dict, *, input, output, log_path=None) -> dict:  # noqa: A002
     """One run of rule fit_head, in this (warm) process: `runner.run_head` on cached stores."""
+    from pipeline_lib.run_contract import RunSpec
     from pipeline_lib.runner import run_head  # imported here: the Snakefile must parse fast
 
     with job_log(log_path) as logger:
         record = run_head(
-            dict(spec),
+            RunSpec.from_dict(spec),  # checked before any store is opened
             train_store=input["train"],
             test_store=input["test"],
             metrics_path=output["metrics"],

@@ -110,11 +110,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline_lib.heads.base import PrivateHead
-from pipeline_lib.heads.dp_ls import solve_ridge_psd
-from pipeline_lib.heads.stats import padded_chunks
+from pipeline_lib.heads.base import (
+    ACCOUNTANT,
+    BOOLEAN,
+    FEATURE_BOUND,
+    NOISE_MULTIPLIER,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PrivateHead,
+    Rule,
+    check_fields,
+    in_interval,
+    optional,
+)
+from pipeline_lib.heads.linear import padded_chunks, solve_ridge_psd
 from pipeline_lib.privacy import accounting, events, noise
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, SHRINK, bound_rows, clip_l2
+from pipeline_lib.privacy.clipping import SHRINK, bound_rows, clip_l2
 
 GRADIENT_RELEASE = "dp_newton/gradient"
 HESSIAN_RELEASE = "dp_newton/hessian"
@@ -269,6 +281,27 @@ def accumulate_gram_chunk(gram, label_sums, xa, labels, *, num_classes):
     return gram, label_sums
 
 
+FRACTION = in_interval(0, 1, closed_low=False, closed_high=True)
+FIELD_RULES = {
+    **FEATURE_BOUND,
+    "bias_feature": Rule(NONNEGATIVE.ok, "must be >= 0 (0 = no bias)"),
+    "num_steps": POSITIVE_INT,
+    "step_size": POSITIVE,
+    "l2_penalty": NONNEGATIVE,
+    "ridge_lambda": NONNEGATIVE,
+    "ridge_noise_factor": NONNEGATIVE,
+    "residual_clip_fraction": FRACTION,
+    "hessian_clip_fraction": FRACTION,
+    "hessian_noise_ratio": POSITIVE,
+    "shared_first_step": BOOLEAN,
+    "hessian_class_block": optional(POSITIVE_INT, "all classes at once"),
+    "max_hessian_bytes": POSITIVE,
+    "max_in_memory_bytes": NONNEGATIVE,
+    **ACCOUNTANT,
+    **NOISE_MULTIPLIER,
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DPNewton(PrivateHead):
     """Public hyperparameters of DP-Newton; `noise_multiplier` (s_g) is set by `calibrate`."""
@@ -294,44 +327,7 @@ class DPNewton(PrivateHead):
     name = "dp_newton"
 
     def __post_init__(self):
-        def need(ok: bool, key: str, rule: str):
-            if not ok:
-                raise ValueError(f"dp_newton: {key} {rule}, got {getattr(self, key)!r}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(self.l2_clip_norm > 0, "l2_clip_norm", "must be > 0")
-        if self.feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"dp_newton: feature_transform {self.feature_transform!r} unknown; "
-                f"use one of {FEATURE_TRANSFORMS}"
-            )
-        need(self.bias_feature >= 0, "bias_feature", "must be >= 0 (0 = no bias)")
-        need(is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "must be an integer >= 1")
-        need(self.step_size > 0, "step_size", "must be > 0")
-        need(self.l2_penalty >= 0, "l2_penalty", "must be >= 0")
-        need(self.ridge_lambda >= 0, "ridge_lambda", "must be >= 0")
-        need(self.ridge_noise_factor >= 0, "ridge_noise_factor", "must be >= 0")
-        need(0 < self.residual_clip_fraction <= 1, "residual_clip_fraction", "must be in (0, 1]")
-        need(0 < self.hessian_clip_fraction <= 1, "hessian_clip_fraction", "must be in (0, 1]")
-        need(self.hessian_noise_ratio > 0, "hessian_noise_ratio", "must be > 0")
-        need(isinstance(self.shared_first_step, bool), "shared_first_step", "must be true or false")
-        need(
-            self.hessian_class_block is None
-            or (is_int(self.hessian_class_block) and self.hessian_class_block >= 1),
-            "hessian_class_block",
-            "must be None or an integer >= 1",
-        )
-        need(self.max_hessian_bytes > 0, "max_hessian_bytes", "must be > 0")
-        need(self.max_in_memory_bytes >= 0, "max_in_memory_bytes", "must be >= 0")
-        if self.accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(
-                f"dp_newton: accountant must be one of {accounting.ACCOUNTANTS}, "
-                f"got {self.accountant!r}"
-            )
-        if self.noise_multiplier is not None:
-            need(self.noise_multiplier > 0, "noise_multiplier", "must be > 0")
+        check_fields(self.name, self, FIELD_RULES)
 
     # --- privacy -------------------------------------------------------------------------
 

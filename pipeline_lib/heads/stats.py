@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline_lib import integrity
 from pipeline_lib.features.store import FeatureStore
+from pipeline_lib.heads.linear import padded_chunks
 from pipeline_lib.privacy.clipping import bound_rows
 
 
@@ -52,23 +53,6 @@ def _chunk_stats(x, y, mask, *, num_classes, l2_clip_norm, transform):
     xty = jax.ops.segment_sum(xb, y, num_segments=num_classes).T
     counts = jax.ops.segment_sum(mask.astype(jnp.int32), y, num_segments=num_classes)
     return xtx, xty, counts
-
-
-def pad_rows(x: np.ndarray, y: np.ndarray, rows: int):
-    """Pad (x, y) with zero rows up to `rows` and return (x, y, mask): one compiled shape."""
-    n = len(y)
-    mask = np.zeros(rows, np.float32)
-    mask[:n] = 1.0
-    if n < rows:
-        x = np.concatenate([x, np.zeros((rows - n, x.shape[1]), x.dtype)])
-        y = np.concatenate([y, np.zeros(rows - n, y.dtype)])
-    return x, y, mask
-
-
-def padded_chunks(store: FeatureStore):
-    """Chunks padded to the store's chunk_rows with a mask, so jit compiles once."""
-    for feats, labels in store.iter_chunks():
-        yield pad_rows(feats, labels, store.chunk_rows)
 
 
 def data_identity(data) -> str:

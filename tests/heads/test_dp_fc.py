@@ -223,14 +223,14 @@ def test_poisson_fit_refuses_data_of_another_size():
     "params,match",
     [
         ({"l2_clip_norm": -1}, "dp_fc: l2_clip_norm must be > 0"),
-        ({"feature_transform": "whiten"}, "feature_transform 'whiten' unknown"),
+        ({"feature_transform": "whiten"}, r"feature_transform must be one of .*, got 'whiten'"),
         ({"l2_grad_clip": 0}, "l2_grad_clip must be > 0"),
         ({"bias_scale": 0}, "bias_scale must be > 0"),
-        ({"num_steps": 0}, "num_steps must be a positive int"),
+        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
         ({"covariance_share": 1.0}, "covariance_share must be in"),
-        ({"ridge_lambda": -1}, "ridge_lambda and ridge_noise_factor must be >= 0"),
+        ({"ridge_lambda": -1}, "ridge_lambda must be >= 0"),
         ({"ridge_lambda": 0, "ridge_noise_factor": 0}, "cannot both be 0"),
-        ({"batch_size": 0}, "batch_size must be a positive int or null"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1 or null"),
         ({"accountant": "zcdp"}, "accountant must be one of"),
     ],
 )

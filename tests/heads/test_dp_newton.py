@@ -467,7 +467,7 @@ def test_outputs_predict_with_argmax_and_no_bias_option():
     "params,match",
     [
         ({"l2_clip_norm": 0}, "l2_clip_norm must be > 0"),
-        ({"feature_transform": "zca"}, "feature_transform 'zca' unknown"),
+        ({"feature_transform": "zca"}, r"feature_transform must be one of .*, got 'zca'"),
         ({"bias_feature": -1.0}, "bias_feature must be >= 0"),
         ({"num_steps": 0}, "num_steps must be an integer >= 1"),
         ({"num_steps": 2.5}, "num_steps must be an integer >= 1"),
@@ -476,7 +476,7 @@ def test_outputs_predict_with_argmax_and_no_bias_option():
         ({"hessian_clip_fraction": 0.0}, r"hessian_clip_fraction must be in \(0, 1\]"),
         ({"shared_first_step": "yes"}, "shared_first_step must be true or false"),
         ({"hessian_noise_ratio": 0.0}, "hessian_noise_ratio must be > 0"),
-        ({"hessian_class_block": 0}, "hessian_class_block must be None or an integer >= 1"),
+        ({"hessian_class_block": 0}, "hessian_class_block must be an integer >= 1 or null"),
         ({"max_hessian_bytes": 0}, "max_hessian_bytes must be > 0"),
         ({"ridge_lambda": -1.0}, "ridge_lambda must be >= 0"),
         ({"l2_penalty": -1.0}, "l2_penalty must be >= 0"),
