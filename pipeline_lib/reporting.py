@@ -198,12 +198,21 @@ def _group_key(run: Mapping[str, Any]) -> tuple:
     )
 
 
+def _honesty_tier(row: SummaryRow) -> int:
+    """0: DP, epsilon covers every choice made with the private data (listed first);
+    1: DP with hyperparameters fixed in the config (epsilon does not cover how they were
+    chosen); 2: non-private baselines."""
+    if not row.private:
+        return 2
+    return 0 if row.covers_tuning else 1
+
+
 def _sort_key(row: SummaryRow) -> tuple:
     inf = math.inf
     return (
         row.reproducible_noise,  # NOT-DP rows after every DP row and baseline
+        _honesty_tier(row),  # rows whose epsilon covers their tuning first
         row.method,
-        bool(row.covers_tuning),
         inf if row.target_epsilon is None else row.target_epsilon,
         row.setting,
         row.experiment,

@@ -253,8 +253,28 @@ experiments:
 
 
 def test_load_experiments_accepts_the_shipped_files():
-    assert "fashion_mnist_lite0" in xp.load_experiments("config/experiments.yaml")
+    shipped = xp.load_experiments("config/experiments.yaml")
+    assert "fashion_mnist_lite0_honest" in shipped
     assert "tiny_tuned" in xp.load_experiments("tests/workflow/experiments.yaml")
+
+
+def test_default_experiment_is_honest():
+    """Every DP run of the shipped default has its hyperparameters chosen by a private
+    search whose cost is in epsilon (issue 15): a grid for every private method, and a
+    repeat-and-select tuning block."""
+    from pipeline_lib.heads import make_head
+
+    cfg = yaml.safe_load(open("config/config.yaml"))
+    cfg["experiments"] = xp.load_experiments(cfg["experiments_file"])
+    runs = xp.expand_runs(cfg)
+    private = [
+        r for r in runs if make_head(r["method"], r["candidates"][0]["hyperparameters"]).private
+    ]
+    assert private and len({r["method"] for r in private}) == 4
+    for run in private:
+        assert run["tuning"]["selection"] == "repeat_and_select", run["method"]
+        assert len(run["candidates"]) >= 3, run["method"]
+    assert 3 in {float(r["epsilon"]) for r in private}
 
 
 @pytest.mark.parametrize(
