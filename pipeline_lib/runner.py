@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 import pipeline_lib
+from pipeline_lib.features.centered import CenteredRows
 from pipeline_lib.features.split import RowSubset
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import STATS_HEADS, make_head
@@ -37,8 +38,9 @@ def _fit(head, method: str, data, stats_file: str | None, **fit_kw) -> dict:
     """Fit on streamed ``data`` or, for statistics heads, on the cached statistics.
 
     ``fit_kw`` is ``key=<NoiseKey>`` for a private head, ``seed=<int>`` for a baseline.
+    A head with private centring streams ``data`` whatever its method (`heads.centered`).
     """
-    if method in STATS_HEADS:
+    if method in STATS_HEADS and not getattr(head, "center", False):
         if stats_file is None:
             raise ValueError(f"{method} needs cached statistics, but no stats file was given")
         stats = load_stats(stats_file, data=data)
@@ -86,6 +88,13 @@ def _bounds(head) -> dict:
     return dict(l2_clip_norm=head.l2_clip_norm, transform=head.feature_transform)
 
 
+def _rows_for(data, params: dict, head):
+    """``data`` as the fitted head sees it: centred by its released mean when it has one."""
+    if params.get("center") is None:
+        return data
+    return CenteredRows(data, params["center"], **_bounds(head))
+
+
 def _public_quantities(head, *, num_train: int, num_fit: int | None = None, num_val=None):
     """Data-dependent sizes the guarantee treats as public (stated in the metrics)."""
     n = num_fit if num_fit is not None else num_train
@@ -115,6 +124,8 @@ def _private_record(
     delta = float(spec["delta"])
     reproducible = noise_record(spec)["mode"] == "reproducible"
     accountant = accountant or head.accountant
+    if getattr(head, "center", False):
+        covered += ", and the noisy mean of the bounded training features it centres by"
     return dict(
         differentially_private=not reproducible,
         public_quantities=public,
@@ -185,7 +196,8 @@ def _run_private_selection(spec, heads, train, timings, key: noise.NoiseKey):
     for g, (head, cand) in enumerate(zip(joint.heads, spec["candidates"], strict=True)):
         params = _fit(head, spec["method"], fit_part, cand["stats_file"], key=key.child("cand", g))
         fitted.append(params)
-        correct.append(num_correct(validation, params["weights"], params["bias"], **_bounds(head)))
+        val = _rows_for(validation, params, head)
+        correct.append(num_correct(val, params["weights"], params["bias"], **_bounds(head)))
     selected, noisy = tn.noisy_selection(
         correct,
         noise_multiplier=joint.selection_noise_multiplier,
@@ -269,7 +281,8 @@ def _run_repeat_and_select(spec, heads, train, timings, key: noise.NoiseKey):
         trial = key.child("trial", i)
         cand = spec["candidates"][g]
         params = _fit(rs.heads[g], spec["method"], fit_part, cand["stats_file"], key=trial)
-        correct = num_correct(validation, params["weights"], params["bias"], **_bounds(heads[g]))
+        val = _rows_for(validation, params, heads[g])
+        correct = num_correct(val, params["weights"], params["bias"], **_bounds(heads[g]))
         score = tn.noisy_score(correct, noise_multiplier=rs.score_noise_multiplier, key=trial)
         if best is None or score > best[0]:
             best = (score, int(g), params)
@@ -332,7 +345,8 @@ def _run_public_selection(spec, heads, train, public_train, public_test, timings
         params = _fit(
             h, spec["method"], public_train, cand.get("public_stats_file"), key=key.child("pub", g)
         )
-        scores.append(accuracy(public_test, params["weights"], params["bias"], **_bounds(h)))
+        pub_test = _rows_for(public_test, params, h)
+        scores.append(accuracy(pub_test, params["weights"], params["bias"], **_bounds(h)))
     selected = int(np.argmax(scores))
     timings["tune_public"] = time.perf_counter() - t
     record, out = _run_untuned(
@@ -472,7 +486,10 @@ def run_head(
     record["hyperparameters"] = head.hyperparameters()
 
     t = time.perf_counter()
-    confusion = confusion_matrix(test, params["weights"], params["bias"], **_bounds(head))
+    if params.get("center") is not None:  # private centring: mu~ is part of the release
+        record["feature_center"] = head.center_record(params["center"])
+    evaluated = _rows_for(test, params, head)
+    confusion = confusion_matrix(evaluated, params["weights"], params["bias"], **_bounds(head))
     record["test_accuracy"] = float(np.trace(confusion)) / test.num_examples
     # Test-split evaluation (not covered by the guarantee, like the accuracy): rows are true
     # labels, columns predictions; the reports draw it for the best seed of each setting.
