@@ -4,7 +4,8 @@ Every run is a real `run_head` (secret noise, its own DpEvent, metrics.json and 
 with the heads' default hyperparameters; the centred runs spend the same target
 (epsilon, delta), of which the noisy mean gets ``center_share`` (default 0.02).
 
-    python benchmarks/centering.py --features results/features/fashion_mnist/efficientnet_lite0/128px \
+    python benchmarks/centering.py \
+        --features results/features/fashion_mnist/efficientnet_lite0/128px \
         --epsilons 1 3 --seeds 3 --out /tmp/centering.jsonl
 
 ``--features`` holds train.zarr and test.zarr: verified stores are opened as
