@@ -289,6 +289,8 @@ def _run_repeat_and_select(spec, heads, train, timings, key: noise.NoiseKey):
     if best is None:  # Poisson law, K = 0: the mechanism outputs "nothing" (accounted)
         d, k = train.feature_dim, train.num_classes
         best = (None, 0, {"weights": np.zeros((d, k), np.float32), "bias": np.zeros(k, np.float32)})
+        if getattr(rs.heads[0], "center", False):  # a constant, like the weights: no release
+            best[2]["center"] = np.zeros(d, np.float32)
     score, selected, params = best
     law = tuning.get("trials_law", "geometric")
     how = (

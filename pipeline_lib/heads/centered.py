@@ -39,7 +39,7 @@ CENTER_KEYS = ("center", "center_share")
 _STATS_HEADS = ("dp_ls",)  # private heads fitted from sufficient statistics
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Centered:
     head: Any  # the wrapped private head (calibrated once `calibrate` has run)
     center_share: float = centering.DEFAULT_SHARE
@@ -145,4 +145,4 @@ def wrap_centered(head, params: dict):
         if share is not None:
             raise ValueError(f"center_share={share!r} needs center: true")
         return head
-    return Centered(head, center_share=centering.DEFAULT_SHARE if share is None else share)
+    return Centered(head=head, center_share=centering.DEFAULT_SHARE if share is None else share)
