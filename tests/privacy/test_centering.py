@@ -113,7 +113,10 @@ def test_calibration_with_a_poisson_sampled_head_spends_at_most_the_target():
     cal = head.calibrate(epsilon=2.0, delta=1e-5, num_examples=20000)
     spent = accounting.epsilon_of(cal.dp_event(), 1e-5, "pld")
     assert 0.99 * 2.0 <= spent <= 2.0
-    assert isinstance(cal.dp_event().events[1].events[1].event.event, dp_accounting.DpEvent)
+    sampled = cal.dp_event().events[1].events[1].event
+    assert sampled == dp_accounting.PoissonSampledDpEvent(
+        0.05, dp_accounting.GaussianDpEvent(cal.noise_multipliers()["gradient"])
+    )
 
 
 def test_config_errors_name_the_key():
