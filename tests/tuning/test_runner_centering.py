@@ -22,7 +22,13 @@ REPRO = {"mode": "reproducible", "seed": 0}
 
 
 @pytest.mark.parametrize(
-    "method,hp", [("dp_ls", {}), ("dp_fc", {"num_steps": 3}), ("dp_newton", {"num_steps": 2})]
+    "method,hp",
+    [
+        ("dp_ls", {}),
+        ("dp_fc", {"num_steps": 3}),
+        ("dp_newton", {"num_steps": 2}),
+        ("dp_sgd", {"batch_size": 512, "epochs": 1}),
+    ],
 )
 def test_centred_run_records_and_applies_the_released_mean(
     stores, make_config, run_method, method, hp
