@@ -649,7 +649,8 @@ def _candidate_rows(config, plan: _Plan, dataset, backbone, method, heads, tunin
     r = config.get("results_dir", "results")
     cands = []
     for h in heads:
-        uses = method in STATS_HEADS
+        # A centred head (center: true) computes its centred statistics in its own run.
+        uses = method in STATS_HEADS and not getattr(h, "center", False)
         cand = {
             "hyperparameters": h.hyperparameters(),
             "uses_stats": uses,
@@ -699,7 +700,7 @@ def _rows(config: dict, plan: _Plan) -> list[dict]:
                             tuning=copy.deepcopy(tuning),
                             noise=dict(plan.noise) if private else None,
                             part=part_name(fraction),
-                            uses_stats=method in STATS_HEADS,
+                            uses_stats=any(c["uses_stats"] for c in cands),
                             transform=cands[0]["transform"],
                             l2_clip_norm=cands[0]["l2_clip_norm"],
                         )

@@ -190,7 +190,7 @@ _RELEASED = {"group": "released"}
 _INTERNAL = {"group": "internal"}
 # Written only by some runs (omitted from the JSON when None, as the runner always did).
 _OPTIONAL = ("public_quantities", "dp_event", "dp_event_json", "num_train_fit",
-             "head_sha256", "content_sha256")  # fmt: skip
+             "head_sha256", "content_sha256", "feature_center")  # fmt: skip
 # What every metrics.json must hold, whatever wrote it.
 REQUIRED_KEYS = (
     "experiment",
@@ -268,6 +268,7 @@ class RunRecord(Mapping):
     tuning: Mapping[str, Any] | None = _released()  # incl. noisy candidate scores
     # released: the head and its evaluation (test accuracy is outside the guarantee)
     hyperparameters: Mapping[str, Any] | None = _released()
+    feature_center: Mapping[str, Any] | None = _released()  # private centring's mu~ and noise
     test_accuracy: float = _released()
     test_confusion: list | None = _released()
     # internal: how the run executed; no release needs them

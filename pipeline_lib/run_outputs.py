@@ -1,7 +1,8 @@
 """A head run's outputs, head.npz and metrics.json, written with checksums and verified on read.
 
-* ``head.npz`` holds the weights, the bias, the run record as JSON (``metadata``)
-  and ``content_sha256``, the sha256 of those three (`integrity.arrays_digest`).
+* ``head.npz`` holds the weights, the bias, the run record as JSON (``metadata``),
+  for a head with private centring the released feature mean (``center``), and
+  ``content_sha256``, the sha256 of those (`integrity.arrays_digest`).
 * ``metrics.json`` holds the run record plus ``head_sha256`` (the sha256 of the
   head.npz file's bytes) and ``content_sha256`` (of its own other keys).
 
@@ -37,10 +38,15 @@ def head_repair_command(metrics_path: str | os.PathLike) -> str:
     return f"rm -f {head} {os.fspath(metrics_path)} && snakemake --cores all"
 
 
-def head_members(weights, bias, metadata_json: str) -> dict:
-    return dict(
+def head_members(weights, bias, metadata_json: str, center=None) -> dict:
+    """The checksummed arrays of head.npz; ``center`` (the released feature mean of a head
+    with private centring) only when there is one, so other heads are unchanged."""
+    members = dict(
         weights=np.asarray(weights), bias=np.asarray(bias), metadata=np.asarray(metadata_json)
     )
+    if center is not None:
+        members["center"] = np.asarray(center, np.float32)
+    return members
 
 
 def _atomic(path: Path, write) -> None:
@@ -58,7 +64,12 @@ def write_run_outputs(
     """Write head.npz (weights, bias, record, checksum), then metrics.json (record + checksums)."""
     head_path, metrics_path = Path(head_path), Path(metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    members = head_members(params["weights"], params["bias"], json.dumps(record, sort_keys=True))
+    members = head_members(
+        params["weights"],
+        params["bias"],
+        json.dumps(record, sort_keys=True),
+        center=params.get("center"),
+    )
     digest = np.asarray(integrity.arrays_digest(members))
 
     def write_head(p: Path) -> None:

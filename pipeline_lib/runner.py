@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 import pipeline_lib
+from pipeline_lib.features.centered import CenteredRows
 from pipeline_lib.features.split import RowSubset
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import STATS_HEADS, make_head
@@ -54,8 +55,9 @@ def _fit(head, method: str, data, stats_file: str | None, **fit_kw) -> dict:
     """Fit on streamed ``data`` or, for statistics heads, on the cached statistics.
 
     ``fit_kw`` is ``key=<NoiseKey>`` for a private head, ``seed=<int>`` for a baseline.
+    A head with private centring streams ``data`` whatever its method (`heads.centered`).
     """
-    if method in STATS_HEADS:
+    if method in STATS_HEADS and not getattr(head, "center", False):
         if stats_file is None:
             raise ValueError(f"{method} needs cached statistics, but no stats file was given")
         stats = load_stats(stats_file, data=data)
@@ -108,6 +110,13 @@ def noise_record(spec: RunSpec | Mapping) -> dict:
 
 def _bounds(head) -> dict:
     return dict(l2_clip_norm=head.l2_clip_norm, transform=head.feature_transform)
+
+
+def _rows_for(data, params: dict, head):
+    """``data`` as the fitted head sees it: centred by its released mean when it has one."""
+    if params.get("center") is None:
+        return data
+    return CenteredRows(data, params["center"], **_bounds(head))
 
 
 def _public_quantities(head, *, num_train: int, num_fit: int | None = None, num_val=None):
@@ -202,7 +211,8 @@ def _fit_private_selection(spec: RunSpec, heads, train, timings, key: noise.Nois
     for g, (head, cand) in enumerate(zip(joint.heads, spec.candidates, strict=True)):
         params = _fit(head, spec.method, fit_part, cand.stats_file, key=key.child("cand", g))
         fitted.append(params)
-        correct.append(num_correct(validation, params["weights"], params["bias"], **_bounds(head)))
+        val = _rows_for(validation, params, head)
+        correct.append(num_correct(val, params["weights"], params["bias"], **_bounds(head)))
     selected, noisy = tn.noisy_selection(
         correct,
         noise_multiplier=joint.selection_noise_multiplier,
@@ -274,13 +284,16 @@ def _fit_repeat_and_select(spec: RunSpec, heads, train, timings, key: noise.Nois
         trial = key.child("trial", i)
         cand = spec.candidates[g]
         params = _fit(rs.heads[g], spec.method, fit_part, cand.stats_file, key=trial)
-        correct = num_correct(validation, params["weights"], params["bias"], **_bounds(heads[g]))
+        val = _rows_for(validation, params, heads[g])
+        correct = num_correct(val, params["weights"], params["bias"], **_bounds(heads[g]))
         score = tn.noisy_score(correct, noise_multiplier=rs.score_noise_multiplier, key=trial)
         if best is None or score > best[0]:
             best = (score, int(g), params)
     if best is None:  # Poisson law, K = 0: the mechanism outputs "nothing" (accounted)
         d, k = train.feature_dim, train.num_classes
         best = (None, 0, {"weights": np.zeros((d, k), np.float32), "bias": np.zeros(k, np.float32)})
+        if getattr(rs.heads[0], "center", False):  # a constant, like the weights: no release
+            best[2]["center"] = np.zeros(d, np.float32)
     score, selected, params = best
     law = tuning.get("trials_law", "geometric")
     winner = rs.heads[selected]
@@ -334,7 +347,8 @@ def _fit_public_selection(
     for g, (head, cand) in enumerate(zip(heads, spec.candidates, strict=True)):
         h = head.calibrate(epsilon=eps, delta=delta, num_examples=public_train.num_examples)
         params = _fit(h, spec.method, public_train, cand.public_stats_file, key=key.child("pub", g))
-        scores.append(accuracy(public_test, params["weights"], params["bias"], **_bounds(h)))
+        pub_test = _rows_for(public_test, params, h)
+        scores.append(accuracy(pub_test, params["weights"], params["bias"], **_bounds(h)))
     selected = int(np.argmax(scores))
     timings["tune_public"] = time.perf_counter() - t
     final = _fit_untuned(
@@ -397,6 +411,14 @@ def _mechanism(
     )
 
 
+def _covered(release: Release) -> str:
+    if getattr(release.head, "center", False):  # private centring: mu~ is released too
+        return (
+            release.covered + ", and the noisy mean of the bounded training features it centres by"
+        )
+    return release.covered
+
+
 def _privacy_fields(spec: RunSpec, release: Release) -> dict:
     """The record's statement of the guarantee: one builder for every private mechanism."""
     if not spec.private:
@@ -428,7 +450,7 @@ def _privacy_fields(spec: RunSpec, release: Release) -> dict:
             epsilon=release.spent_epsilon,
             delta=spec.delta,
             accountant=release.accountant,
-            covered=release.covered,
+            covered=_covered(release),
             tuning=release.how_tuned,
             public=release.public,
             reproducible=reproducible,
@@ -457,6 +479,12 @@ def _record(spec: RunSpec, train, test, release: Release, confusion, timings) ->
         **feature_provenance(train),  # class names, backbone, checkpoint, preprocessing
         **_privacy_fields(spec, release),
         hyperparameters=release.head.hyperparameters(),
+        # private centring: mu~ is part of the release (heads.centered)
+        feature_center=(
+            release.head.center_record(release.params["center"])
+            if release.params.get("center") is not None
+            else None
+        ),
         test_accuracy=float(np.trace(confusion)) / test.num_examples,
         # Test-split evaluation (not covered by the guarantee, like the accuracy): rows are
         # true labels, columns predictions; the reports draw it for the best seed.
@@ -509,7 +537,10 @@ def run_head(
 
     t = time.perf_counter()
     params = release.params
-    confusion = confusion_matrix(test, params["weights"], params["bias"], **_bounds(release.head))
+    evaluated = _rows_for(test, params, release.head)  # centred by mu~ when there is one
+    confusion = confusion_matrix(
+        evaluated, params["weights"], params["bias"], **_bounds(release.head)
+    )
     timings["evaluate"] = time.perf_counter() - t
     record = _record(spec, train, test, release, confusion, timings).to_json()
     write_run_outputs(head_path, metrics_path, params, record)  # with checksums

@@ -2,6 +2,7 @@
 class names in head.npz, and a refused checkpoint."""
 
 import csv
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from pipeline_lib import experiments as xp
 from pipeline_lib.classify import ClassifyError, classify
 from pipeline_lib.data.sources import FASHION_MNIST_CLASS_NAMES
+from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads.released import load_head
 from pipeline_lib.run_outputs import write_run_outputs
 
@@ -155,6 +157,35 @@ def test_readme_command_on_a_folder_of_pngs(released, tmp_path):
     assert predicted.tolist() == [int(r["label_index"]) for r in read_csv(by_dataset)]
     assert np.mean(predicted == test.labels) == metrics["test_accuracy"]
     assert f"the run's test accuracy was {metrics['test_accuracy']:.4f}" in proc.stdout
+
+
+def test_a_centred_private_head_is_applied_to_new_images_as_in_training(released, tmp_path):
+    """center: true (private feature centring): classify centres new features by the
+    released mean in head.npz, so it reproduces the run's test accuracy to the label."""
+    from pipeline_lib.runner import run_head
+
+    work, _, _ = released
+    cfg = json.loads(json.dumps(CONFIG))
+    exp = cfg["experiments"]["t"]
+    exp.pop("baselines")
+    exp["methods"] = {"dp_ls": {"center": True}}
+    exp["noise"] = {"mode": "reproducible", "seed": 0}
+    (spec,) = xp.expand_runs(cfg)
+    head_path = tmp_path / "run" / "head.npz"
+    metrics = run_head(
+        spec,
+        train_store=work / "train.zarr",
+        test_store=work / "test.zarr",
+        metrics_path=head_path.with_name("metrics.json"),
+        head_path=head_path,
+    )
+    head = load_head(head_path)
+    assert head.center is not None and metrics["feature_center"]["share"] == 0.02
+    summary = classify(head_path, out=tmp_path / "p.csv", dataset="fm_tiny", config=cfg)
+    assert summary["accuracy"] == metrics["test_accuracy"]
+    uncentred = dataclasses.replace(head, center=None)
+    x = FeatureStore(work / "test.zarr").read_all()[0]
+    assert not np.array_equal(uncentred.logits(x), head.logits(x))
 
 
 def test_folders_named_by_class_give_an_accuracy(released, tmp_path):

@@ -308,7 +308,7 @@ def test_bad_experiments_file_names_experiment_key_and_value(tmp_path, edit, mat
 def test_schema_lists_exactly_the_head_hyperparameters():
     import dataclasses
 
-    from pipeline_lib.heads import HEADS
+    from pipeline_lib.heads import CENTER_KEYS, HEADS
 
     schema = xp.load_schema()
     entry = schema["properties"]["experiments"]["additionalProperties"]["properties"]
@@ -317,6 +317,8 @@ def test_schema_lists_exactly_the_head_hyperparameters():
     for name, cls in HEADS.items():
         skip = set(getattr(cls, "CALIBRATION_FIELDS", ("noise_multiplier",))) | {"accountant"}
         fields = {f.name for f in dataclasses.fields(cls)} - skip
+        if cls.private:  # private feature centring, on every private head (heads.centered)
+            fields |= set(CENTER_KEYS)
         keys = set(described[name]["properties"])
         assert keys == fields, name
         for key, spec in described[name]["properties"].items():

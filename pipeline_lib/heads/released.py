@@ -1,6 +1,8 @@
 """Load a released head (head.npz) and predict with it.
 
-head.npz holds the released weights and bias, the sha256 of its content
+head.npz holds the released weights and bias, for a head with private centring
+(``center: true``) the released feature mean ``center`` that every new feature vector
+is centred by before prediction (`privacy.centering.center_rows`), the sha256 of its content
 (``content_sha256``, checked by `load_head`) and, as JSON under `metadata`, the
 run's record (`pipeline_lib.run_contract.RunRecord`, checked on load, as in
 metrics.json): method, privacy guarantee (target and spent epsilon, delta,
@@ -24,6 +26,7 @@ import numpy as np
 
 from pipeline_lib import integrity
 from pipeline_lib.heads.linear import predict_logits
+from pipeline_lib.privacy.centering import center_rows
 from pipeline_lib.run_contract import RunRecord
 
 
@@ -32,6 +35,7 @@ class ReleasedHead:
     weights: np.ndarray  # (d, K) float32
     bias: np.ndarray  # (K,) float32
     metadata: RunRecord  # the run's record, as its metrics.json holds it
+    center: np.ndarray | None = None  # (d,) released feature mean (private centring), or None
 
     @property
     def private(self) -> bool:
@@ -65,6 +69,13 @@ class ReleasedHead:
         if features.ndim != 2 or features.shape[1] != self.weights.shape[0]:
             raise ValueError(
                 f"features must have shape (n, {self.weights.shape[0]}), got {features.shape}"
+            )
+        if self.center is not None:  # the rows the head was trained on (privacy.centering)
+            features = center_rows(
+                features,
+                self.center,
+                l2_clip_norm=float(hp["l2_clip_norm"]),
+                transform=hp["feature_transform"],
             )
         return np.asarray(
             predict_logits(
@@ -106,6 +117,7 @@ def load_head(path: str | os.PathLike, *, repair: str | None = None) -> Released
     try:
         with np.load(path, allow_pickle=False) as z:
             weights, bias, text = z["weights"], z["bias"], z["metadata"]
+            center = z["center"] if "center" in z.files else None
             recorded = str(z["content_sha256"]) if "content_sha256" in z.files else None
     except FileNotFoundError:
         raise integrity.IntegrityError(path, "missing", "the head file is gone", fix) from None
@@ -113,13 +125,19 @@ def load_head(path: str | os.PathLike, *, repair: str | None = None) -> Released
         raise integrity.unreadable_npz(path, exc, "released head file", fix) from None
     if recorded is None:
         raise integrity.IntegrityError(path, "checksum", "it records no content checksum", fix)
-    if integrity.arrays_digest(head_members(weights, bias, str(text))) != recorded:
+    if integrity.arrays_digest(head_members(weights, bias, str(text), center)) != recorded:
         raise integrity.IntegrityError(
             path, "checksum", "its content does not match its recorded sha256", fix
         )
     metadata = RunRecord.from_json(json.loads(str(text)), f"{path} (metadata)")
     if weights.ndim != 2 or bias.shape != (weights.shape[1],):
         raise ValueError(f"{path}: weights {weights.shape} and bias {bias.shape} do not match")
-    if not isinstance(metadata.hyperparameters, dict):
-        raise ValueError(f"{path}: metadata lacks 'hyperparameters'")
-    return ReleasedHead(weights=weights, bias=bias, metadata=metadata)
+    centred = bool((metadata["hyperparameters"] or {}).get("center", False))
+    if centred != (center is not None):
+        raise ValueError(
+            f"{path}: hyperparameter center={centred} but the file "
+            f"{'lacks' if centred else 'has'} a 'center' array"
+        )
+    if center is not None and center.shape != (weights.shape[0],):
+        raise ValueError(f"{path}: center {center.shape} does not match weights {weights.shape}")
+    return ReleasedHead(weights=weights, bias=bias, metadata=metadata, center=center)

@@ -28,6 +28,7 @@ import attr
 from dp_accounting import dp_event
 
 __all__ = [
+    "centered_event",
     "dp_fc_event",
     "dp_ls_event",
     "dp_newton_event",
@@ -143,6 +144,19 @@ GaussianDpEvent(noise_multiplier=3.0)])
     return dp_event.ComposedDpEvent(
         [*candidate_events, dp_event.GaussianDpEvent(selection_noise_multiplier)]
     )
+
+
+def centered_event(
+    center_noise_multiplier: float, head_event: dp_event.DpEvent
+) -> dp_event.DpEvent:
+    """Private centring: the noisy feature sum (multiplier s_m, sensitivity C), then the
+    head on the rows centred by it (adaptive composition; see `privacy.centering`).
+
+    >>> centered_event(20.0, gaussian_event(4.0))
+    ComposedDpEvent(events=[GaussianDpEvent(noise_multiplier=20.0), \
+GaussianDpEvent(noise_multiplier=4.0)])
+    """
+    return dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(center_noise_multiplier), head_event])
 
 
 def _encode(value: Any) -> Any:

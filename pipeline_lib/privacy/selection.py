@@ -50,7 +50,10 @@ __all__ = [
 
 
 def with_noise(head, noise_multiplier: float):
-    """A calibrated head with its noise scale replaced (everything else kept)."""
+    """A calibrated head with its noise scale replaced (everything else kept). A head
+    with private centring keeps its mean release and scales only the head's noise."""
+    if hasattr(head, "with_head_noise"):
+        return head.with_head_noise(noise_multiplier)
     return dataclasses.replace(head, noise_multiplier=float(noise_multiplier))
 
 
