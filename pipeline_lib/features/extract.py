@@ -151,7 +151,9 @@ def make_feature_fn(
     module = backbone.module if module is None else module
 
     if backbone.tta not in TTA_MODES:
-        raise ValueError(f"backbone {backbone.name!r}: tta={backbone.tta!r}; use one of {TTA_MODES}")
+        raise ValueError(
+            f"backbone {backbone.name!r}: tta={backbone.tta!r}; use one of {TTA_MODES}"
+        )
 
     def features(variables, images):
         if resize_on_device:
