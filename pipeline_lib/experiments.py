@@ -1015,7 +1015,8 @@ def backbone_wildcard(config: dict, *, combined: bool) -> str:
     names = "|".join(re.escape(b) for b in combined_backbones(config))
     if combined:
         return f"(?:{names})" if names else "(?!)"  # (?!) matches nothing
-    return f"(?!(?:{names})$)[^/]+" if names else "[^/]+"
+    # the name is followed by '/' in a path (and by the end in a bare name)
+    return f"(?!(?:{names})(?:/|$))[^/]+" if names else "[^/]+"
 
 
 def combine_patterns(config: dict) -> dict[str, str]:

@@ -159,6 +159,9 @@ def test_the_two_store_rules_never_claim_the_same_backbone():
     for name in ("lite0_scatter", "flip", "efficientnet_lite0", "lite0_scatter2", "lite0"):
         assert bool(comb.fullmatch(name)) != bool(extr.fullmatch(name)), name
     assert comb.fullmatch("lite0_scatter") and not comb.fullmatch("lite0_scatter2")
+    # in a path, as Snakemake matches it: the name is followed by '/'
+    in_path = re.compile(f"(?P<b>{extr.pattern})/(?P<s>\\d+)px")
+    assert not in_path.fullmatch("lite0_scatter/128px") and in_path.fullmatch("flip/128px")
     none = _config()
     assert not re.fullmatch(xp.backbone_wildcard(none, combined=True), "efficientnet_lite0")
 
