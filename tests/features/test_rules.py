@@ -282,3 +282,17 @@ def test_combination_rule_builds_a_verified_store_that_heads_read(tmp_path):
     assert provenance["sources"][1]["tta"] == "flip"
     assert not fs.work_dir(work / feats.format("both")).exists()
     assert "Nothing to be done" in snakemake(work, "-n", f"{run}/metrics.json")
+
+
+def test_lite1_and_lite2_at_their_native_sizes_are_planned(tmp_path):
+    """Built-in Lite1@240 and Lite2@260 need no config entry; their stores are planned."""
+    work = _workdir(tmp_path, train=64, test=64)
+    exps = yaml.safe_load((work / "experiments.yaml").read_text())
+    tiny = exps["experiments"].pop("tiny")
+    for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        exps["experiments"][name] = dict(tiny, backbone=name, image_size=size)
+    (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
+    out = snakemake(work, "-n")
+    assert _job_counts(out)["extract_shard"] == 4  # 2 backbones x 2 splits
+    for store in ("efficientnet_lite1/240px/train.zarr", "efficientnet_lite2/260px/test.zarr"):
+        assert f"results/features/fmnist/{store}" in out
