@@ -2,9 +2,11 @@
 #   snakemake --cores all                       # local, profiles/default applies itself
 #   snakemake --cores all --profile slurm       # on SLURM, after tools/slurm_profile.sh (README)
 # Runs are defined in config/experiments.yaml; see README.md.
+import os
+
 from snakemake.utils import min_version, validate
 
-from pipeline_lib.experiments import validate_config
+from pipeline_lib.experiments import CONFIG_SCHEMA_NAME, schema_path, validate_config
 
 min_version("9.0")
 
@@ -13,7 +15,7 @@ configfile: "config/config.yaml"
 
 
 validate_config(config)  # errors for people (key, value, fix); runs before snakemake's own
-validate(config, "workflow/schemas/config.schema.yaml")
+validate(config, schema_path(CONFIG_SCHEMA_NAME))  # pipeline_lib/schemas/ (package data)
 
 
 report: "workflow/report/workflow.rst"
@@ -35,6 +37,7 @@ onsuccess:
     from pipeline_lib.reporting import terminal_summary
 
     try:
-        print(terminal_summary(xp.all_metrics(config), f"{R}/reports"))
+        reports = os.path.dirname(xp.index_files(config)["index"])
+        print(terminal_summary(xp.all_metrics(config), reports))
     except (OSError, ValueError) as exc:  # a partial target (e.g. one store) has no runs yet
         print(f"(no summary: {exc})")

@@ -10,8 +10,12 @@ Paths (under ``results_dir``)::
     stats/{dataset}/{backbone}/{image_size}px/{transform}-C{clip}-{part}.npz
     runs/{experiment}/{dataset}/{backbone}/{image_size}px/{method}/{budget}/seed{seed}/
         metrics.json, head.npz
-    reports/{experiment}/summary.csv, summary.md, runs.csv, accuracy_vs_epsilon.png
+    reports/{experiment}/summary.csv, summary.md, runs.csv, accuracy_vs_epsilon.png,
+        per_class.csv, confusion.png
     reports/index.md, ledger.csv, ledger.md, all_experiments.png
+
+The Snakemake rules take these as patterns from `extraction_patterns` and
+`run_patterns`, and every concrete path here fills in the same patterns.
 
 ``budget`` is ``eps{epsilon:g}`` for private methods and ``nonprivate`` for
 baselines; ``part`` is ``all`` (the whole training split) or ``fit{f:g}``
@@ -29,6 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.resources
 import itertools
 import json
 import os
@@ -44,10 +49,10 @@ from pipeline_lib.privacy.accounting import ACCOUNTANTS, check_budget
 from pipeline_lib.privacy.selection import trials_shape
 
 SPLITS = ("train", "test")
-SCHEMA_PATH = (
-    Path(__file__).resolve().parents[1] / "workflow" / "schemas" / ("experiments.schema.yaml")
-)
-CONFIG_SCHEMA_PATH = SCHEMA_PATH.with_name("config.schema.yaml")
+# The JSON schemas of the experiments file and the config: package data (pyproject.toml),
+# found through importlib.resources wherever the package is installed.
+SCHEMA_NAME = "experiments.schema.yaml"
+CONFIG_SCHEMA_NAME = "config.schema.yaml"
 # Experiment, dataset and backbone names become folder names under results/.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 # What PyYAML 1.1 reads as a string although it looks like a number: 1e-5, 5E+3, 1.e-5 ...
@@ -175,10 +180,21 @@ def _format_errors(errors: list, source: str) -> str:
     return "\n".join(messages) + more
 
 
-def _schema_errors(doc: Any, schema_path: Path) -> list:
+def schema_path(name: str = SCHEMA_NAME) -> str:
+    """A file path of one of the package's schemas (for Snakemake's ``validate``)."""
+    return str(importlib.resources.files("pipeline_lib").joinpath("schemas", name))
+
+
+def load_schema(name: str = SCHEMA_NAME) -> dict:
+    """The parsed schema ``pipeline_lib/schemas/<name>``."""
+    resource = importlib.resources.files("pipeline_lib").joinpath("schemas", name)
+    return yaml.safe_load(resource.read_text(encoding="utf-8"))
+
+
+def _schema_errors(doc: Any, schema_name: str) -> list:
     import jsonschema
 
-    schema = yaml.safe_load(schema_path.read_text())
+    schema = load_schema(schema_name)
     validator = jsonschema.Draft202012Validator(schema)
     return sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
 
@@ -193,7 +209,7 @@ def validate_experiments(doc: Any, *, source: str = "experiments file") -> None:
     if isinstance(doc, dict) and isinstance(doc.get("experiments"), dict):
         for name in doc["experiments"]:
             check_name("experiment", name, source)
-    errors = _schema_errors(doc, SCHEMA_PATH)
+    errors = _schema_errors(doc, SCHEMA_NAME)
     if errors:
         raise ConfigError(_format_errors(errors, source))
 
@@ -208,7 +224,7 @@ def validate_config(config: dict, *, source: str = "config") -> None:
         for name in (config.get(key) or {}) if isinstance(config.get(key), dict) else ():
             check_name(kind, name, f"{source}: {key}")
     errors = _schema_errors({k: v for k, v in config.items() if k != "experiments"},
-                            CONFIG_SCHEMA_PATH)  # fmt: skip
+                            CONFIG_SCHEMA_NAME)  # fmt: skip
     if errors:
         raise ConfigError(_format_errors(errors, source))
 
@@ -244,32 +260,68 @@ def part_name(validation_fraction: float | None) -> str:
 
 
 def feature_path(results_dir, dataset, backbone, image_size, split) -> str:
-    return str(Path(results_dir, "features", dataset, backbone, f"{image_size}px", f"{split}.zarr"))
+    pattern = extraction_patterns({"results_dir": results_dir})["store"]
+    return pattern.format(dataset=dataset, backbone=backbone, image_size=image_size, split=split)
 
 
 def stats_path(results_dir, dataset, backbone, image_size, transform, clip, part="all") -> str:
-    name = f"{transform}-C{clip:g}-{part}.npz"
-    return str(Path(results_dir, "stats", dataset, backbone, f"{image_size}px", name))
-
-
-def run_dir(results_dir, run: dict) -> str:
-    return str(
-        Path(
-            results_dir,
-            "runs",
-            run["experiment"],
-            run["dataset"],
-            run["backbone"],
-            f"{run['image_size']}px",
-            run["method"],
-            run["budget"],
-            f"seed{run['seed']}",
-        )
+    return run_patterns({"results_dir": results_dir})["stats"].format(
+        dataset=dataset,
+        backbone=backbone,
+        image_size=image_size,
+        transform=transform,
+        clip=f"{clip:g}",
+        part=part,
     )
 
 
-def report_dir(results_dir, experiment) -> str:
-    return str(Path(results_dir, "reports", experiment))
+# The wildcards of a head run (its path) and the files of each report.
+RUN_WILDCARDS = ("experiment", "dataset", "backbone", "image_size", "method", "budget", "seed")
+REPORT_FILES = {
+    "csv": "summary.csv",
+    "md": "summary.md",
+    "runs": "runs.csv",
+    "png": "accuracy_vs_epsilon.png",
+    "per_class": "per_class.csv",
+    "confusion": "confusion.png",
+}
+INDEX_FILES = {
+    "index": "index.md",
+    "ledger_csv": "ledger.csv",
+    "ledger_md": "ledger.md",
+    "png": "all_experiments.png",
+}
+
+
+def run_patterns(config: dict) -> dict[str, str]:
+    """Snakemake path patterns of stage 2 and the reports (wildcards in braces).
+
+    The one source of these paths: heads.smk and report.smk take their inputs, outputs
+    and logs from here, and the concrete paths below (`stats_path`, `run_outputs`,
+    `report_files`, `index_files`) fill in the same patterns. Keys: ``train_store``,
+    ``stats``, ``stats_log``, ``metrics``, ``head``, ``fit_log``, ``report_<kind>`` for
+    each kind of `REPORT_FILES`, ``report_log``, ``index_<kind>`` for each kind of
+    `INDEX_FILES`, and ``index_log``.
+    """
+    r = config["results_dir"]
+    setting = ("{dataset}", "{backbone}", "{image_size}px")
+    stats = Path(*setting, "{transform}-C{clip}-{part}")
+    run = Path("{experiment}", *setting, "{method}", "{budget}", "seed{seed}")
+    patterns = {
+        "train_store": extraction_patterns(config)["store"].replace("{split}", "train"),
+        "stats": str(Path(r, "stats", f"{stats}.npz")),
+        "stats_log": str(Path(r, "logs", "compute_stats", f"{stats}.log")),
+        "metrics": str(Path(r, "runs", run, "metrics.json")),
+        "head": str(Path(r, "runs", run, "head.npz")),
+        "fit_log": str(Path(r, "logs", "fit_head", f"{run}.log")),
+        "report_log": str(Path(r, "logs", "report_experiment", "{experiment}.log")),
+        "index_log": str(Path(r, "logs", "report_index.log")),
+    }
+    for kind, name in REPORT_FILES.items():
+        patterns[f"report_{kind}"] = str(Path(r, "reports", "{experiment}", name))
+    for kind, name in INDEX_FILES.items():
+        patterns[f"index_{kind}"] = str(Path(r, "reports", name))
+    return patterns
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -696,8 +748,10 @@ def _canonical_runs(runs: list[dict]) -> list[dict]:
 
 
 def run_outputs(config: dict, run: dict) -> dict[str, str]:
-    d = run_dir(config["results_dir"], run)
-    return {"metrics": str(Path(d, "metrics.json")), "head": str(Path(d, "head.npz"))}
+    """metrics.json and head.npz of one run (a row of `expand_runs`)."""
+    patterns = run_patterns(config)
+    wildcards = {k: run[k] for k in RUN_WILDCARDS}
+    return {k: patterns[k].format(**wildcards) for k in ("metrics", "head")}
 
 
 def run_inputs(config: dict, run: dict) -> dict[str, Any]:
@@ -759,32 +813,19 @@ def all_metrics(config: dict) -> list[str]:
 
 
 def report_files(config: dict, experiment: str) -> dict[str, str]:
-    d = report_dir(config["results_dir"], experiment)
-    return {
-        "csv": str(Path(d, "summary.csv")),
-        "md": str(Path(d, "summary.md")),
-        "runs": str(Path(d, "runs.csv")),
-        "png": str(Path(d, "accuracy_vs_epsilon.png")),
-        "per_class": str(Path(d, "per_class.csv")),
-        "confusion": str(Path(d, "confusion.png")),
-    }
+    """The outputs of rule report_experiment for ``experiment``, by kind."""
+    patterns = run_patterns(config)
+    return {k: patterns[f"report_{k}"].format(experiment=experiment) for k in REPORT_FILES}
 
 
 def index_files(config: dict) -> dict[str, str]:
-    d = Path(config["results_dir"], "reports")
-    return {
-        "index": str(d / "index.md"),
-        "ledger_csv": str(d / "ledger.csv"),
-        "ledger_md": str(d / "ledger.md"),
-        "png": str(d / "all_experiments.png"),
-    }
+    """The outputs of rule report_index, by kind."""
+    patterns = run_patterns(config)
+    return {k: patterns[f"index_{k}"] for k in INDEX_FILES}
 
 
 def all_reports(config: dict) -> list[str]:
-    out = [
-        str(Path(report_dir(config["results_dir"], name), "accuracy_vs_epsilon.png"))
-        for name in config["experiments"]
-    ]
+    out = [report_files(config, name)["png"] for name in config["experiments"]]
     return out + list(index_files(config).values())
 
 

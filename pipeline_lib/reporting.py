@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline_lib.run_contract import MetricsError, RunRecord
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -42,29 +44,10 @@ __all__ = [
     "write_summary_md",
 ]
 
-# Relative slack when comparing spent with target budgets (float round-off only).
-BUDGET_RTOL = 1e-9
-
-REQUIRED_KEYS = (
-    "experiment",
-    "method",
-    "private",
-    "seed",
-    "target_epsilon",
-    "target_delta",
-    "spent_epsilon",
-    "spent_delta",
-    "accountant",
-    "neighboring_relation",
-    "noise_multipliers",
-    "test_accuracy",
-)
-# Keys that a non-private run must leave null: it has no privacy budget to report.
-_NULL_WHEN_NONPRIVATE = ("target_epsilon", "target_delta", "spent_epsilon", "accountant")
-
-SUMMARY_CSV = "summary.csv"
-SUMMARY_MD = "summary.md"
-ACCURACY_PNG = "accuracy_vs_epsilon.png"
+# The kinds of output of one experiment's report (their paths: experiments.run_patterns).
+REPORT_KINDS = ("csv", "md", "runs", "png", "per_class", "confusion")
+# What summary.md written alone (write_summary_md) calls the files it points to.
+DEFAULT_SIBLINGS = {"per_class": "per_class.csv", "confusion": "confusion.png"}
 
 
 # What every report states about the guarantee (summary.md, index.md; the HTML report's
@@ -100,89 +83,13 @@ def is_reproducible(run: Mapping[str, Any]) -> bool:
     return bool(run.get("private")) and (run.get("noise") or {}).get("mode") == "reproducible"
 
 
-class MetricsError(ValueError):
-    """A metrics file is unreadable or inconsistent. The message names the file."""
+# --- loading and validation (the checks are RunRecord.from_json's) ---------------------
 
 
-# --- loading and validation -----------------------------------------------------
+def load_runs(paths: Iterable[str | os.PathLike]) -> list[RunRecord]:
+    """Read and validate metrics.json files, one `RunRecord` each.
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_run(run: Any, path: str) -> None:
-    def fail(problem: str) -> MetricsError:
-        return MetricsError(f"{path}: {problem}")
-
-    if not isinstance(run, dict):
-        raise fail(f"expected a JSON object, got {type(run).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in run]
-    if missing:
-        raise fail(f"missing required keys: {', '.join(missing)}")
-    for key in ("experiment", "method"):
-        if not isinstance(run[key], str) or not run[key]:
-            raise fail(f"{key} must be a non-empty string, got {run[key]!r}")
-    if not isinstance(run["private"], bool):
-        raise fail(f"private must be true or false, got {run['private']!r}")
-    if not isinstance(run["seed"], int) or isinstance(run["seed"], bool):
-        raise fail(f"seed must be an integer, got {run['seed']!r}")
-    accuracy = run["test_accuracy"]
-    if not _is_number(accuracy) or not 0.0 <= accuracy <= 1.0:
-        raise fail(f"test_accuracy must be a fraction in [0, 1], got {accuracy!r}")
-    train_accuracy = run.get("train_accuracy")
-    if train_accuracy is not None and (
-        not _is_number(train_accuracy) or not 0.0 <= train_accuracy <= 1.0
-    ):
-        raise fail(f"train_accuracy must be a fraction in [0, 1] or null, got {train_accuracy!r}")
-    multipliers = run["noise_multipliers"]
-    if not isinstance(multipliers, dict):
-        raise fail(f"noise_multipliers must be an object, got {multipliers!r}")
-
-    if not run["private"]:
-        set_keys = [key for key in _NULL_WHEN_NONPRIVATE if run[key] is not None]
-        if set_keys or multipliers:
-            raise fail(
-                "private is false, but the run carries privacy parameters "
-                f"({', '.join(set_keys + (['noise_multipliers'] if multipliers else []))}); "
-                "a non-private run must leave them null/empty so it is never read as DP"
-            )
-        return
-
-    target_epsilon, target_delta = run["target_epsilon"], run["target_delta"]
-    spent_epsilon, spent_delta = run["spent_epsilon"], run["spent_delta"]
-    if not _is_number(target_epsilon) or target_epsilon <= 0:
-        raise fail(f"target_epsilon must be a number > 0 for a private run, got {target_epsilon!r}")
-    if not _is_number(target_delta) or not 0 < target_delta < 1:
-        raise fail(f"target_delta must be in (0, 1) for a private run, got {target_delta!r}")
-    if not _is_number(spent_epsilon) or spent_epsilon < 0:
-        raise fail(f"spent_epsilon must be a number >= 0 for a private run, got {spent_epsilon!r}")
-    if not _is_number(spent_delta) or not 0 <= spent_delta < 1:
-        raise fail(f"spent_delta must be in [0, 1) for a private run, got {spent_delta!r}")
-    if spent_epsilon > target_epsilon * (1 + BUDGET_RTOL):
-        raise fail(
-            f"spent_epsilon {spent_epsilon!r} exceeds target_epsilon {target_epsilon!r}; "
-            "reporting this run at its target would overstate its privacy"
-        )
-    if spent_delta > target_delta * (1 + BUDGET_RTOL):
-        raise fail(
-            f"spent_delta {spent_delta!r} exceeds target_delta {target_delta!r}; "
-            "reporting this run at its target would overstate its privacy"
-        )
-    for key in ("accountant", "neighboring_relation"):
-        if not isinstance(run[key], str) or not run[key]:
-            raise fail(f"{key} must be a non-empty string for a private run, got {run[key]!r}")
-    if not multipliers:
-        raise fail("noise_multipliers is empty for a private run")
-    for name, value in multipliers.items():
-        if not _is_number(value) or value <= 0:
-            raise fail(f"noise_multipliers[{name!r}] must be a number > 0, got {value!r}")
-
-
-def load_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Read and validate metrics.json files, one run each.
-
-    Each returned dict is the file's content plus ``"metrics_path"`` (the file it
+    Each record reads as the file's content plus ``"metrics_path"`` (the file it
     came from), so later errors can name it.
 
     Raises:
@@ -207,15 +114,15 @@ def load_runs(paths: Iterable[str | os.PathLike]) -> list[dict]:
             raise MetricsError(
                 f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
             ) from exc
-        _check_run(run, path)
-        identity = (*_group_key(run), run["seed"])
+        run = RunRecord.from_json(run, path, metrics_path=path)
+        identity = (*_group_key(run), run.seed)
         if identity in seen:
             raise MetricsError(
                 f"{path}: duplicate run: {seen[identity]} has the same experiment, method, "
-                f"privacy parameters and seed {run['seed']}; each seed must count once"
+                f"privacy parameters and seed {run.seed}; each seed must count once"
             )
         seen[identity] = path
-        runs.append({**run, "metrics_path": path})
+        runs.append(run)
     return runs
 
 
@@ -239,7 +146,6 @@ class SummaryRow:
     min_test_accuracy: float
     max_test_accuracy: float
     spread_test_accuracy: float  # max - min over seeds
-    median_train_accuracy: float | None  # None unless every run reports it
     median_spent_epsilon: float | None
     noise_multipliers: Mapping[str, float]  # median over seeds, per release name
     setting: str = ""  # "dataset/backbone/<size>px" (empty for runs that do not say)
@@ -333,7 +239,6 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                 f"neighbouring relation {sorted(map(str, relations))} ({files})"
             )
         accuracies = [float(run["test_accuracy"]) for run in members]
-        train = [run.get("train_accuracy") for run in members]
         names = sorted({name for run in members for name in run["noise_multipliers"]})
         multipliers = {
             name: statistics.median(
@@ -358,11 +263,6 @@ def summarize(runs: Iterable[Mapping[str, Any]]) -> list[SummaryRow]:
                 min_test_accuracy=min(accuracies),
                 max_test_accuracy=max(accuracies),
                 spread_test_accuracy=max(accuracies) - min(accuracies),
-                median_train_accuracy=(
-                    statistics.median(float(t) for t in train)
-                    if all(t is not None for t in train)
-                    else None
-                ),
                 median_spent_epsilon=(
                     statistics.median(float(run["spent_epsilon"]) for run in members)
                     if private
@@ -467,7 +367,6 @@ def _csv_columns(rows: Sequence[SummaryRow]) -> list[str]:
         "min_test_accuracy",
         "max_test_accuracy",
         "spread_test_accuracy",
-        "median_train_accuracy",
         "median_spent_epsilon",
         "setting",
         "covers_tuning",
@@ -527,7 +426,13 @@ def _settings_sentence(rows: Sequence[SummaryRow]) -> str:
     )
 
 
-def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None:
+def _write_md(
+    rows: Sequence[SummaryRow],
+    path: Path,
+    title: str | None,
+    files: Mapping[str, str] = DEFAULT_SIBLINGS,
+) -> None:
+    """summary.md; ``files`` names the report's per-class table and confusion figure."""
     lines = []
     if title:
         lines += [f"# {title}", ""]
@@ -575,7 +480,7 @@ def _write_md(rows: Sequence[SummaryRow], path: Path, title: str | None) -> None
         )
     lines += [
         "",
-        f"Per-class test accuracy: {PER_CLASS_CSV}; confusion matrices: {CONFUSION_PNG} "
+        f"Per-class test accuracy: {files['per_class']}; confusion matrices: {files['confusion']} "
         f"(the best seed of each method and ε). {TEST_NOTE}",
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -710,25 +615,26 @@ def plot_accuracy_vs_epsilon(
 
 def build_report(
     metrics_paths: Iterable[str | os.PathLike],
-    out_dir: str | os.PathLike,
+    outputs: Mapping[str, str | os.PathLike],
     title: str,
 ) -> dict[str, Path]:
-    """Write summary.csv, summary.md, runs.csv and accuracy_vs_epsilon.png into ``out_dir``.
+    """Write one experiment's report to ``outputs``: the paths rule report_experiment
+    declares, by kind (``csv``, ``md``, ``runs``, ``png``, ``per_class``, ``confusion``;
+    `pipeline_lib.experiments.report_files`).
 
     Older outputs are removed first; then all inputs are loaded and checked; then
     each output is written under a temporary name and renamed into place only
-    after all three were written. So a failure leaves no file that looks like a
+    after all of them were written. So a failure leaves no file that looks like a
     finished report. Returns the output paths by kind.
     """
-    out_dir = Path(out_dir)
-    outputs = {
-        "csv": out_dir / SUMMARY_CSV,
-        "md": out_dir / SUMMARY_MD,
-        "runs": out_dir / RUNS_CSV,
-        "png": out_dir / ACCURACY_PNG,
-        "per_class": out_dir / PER_CLASS_CSV,
-        "confusion": out_dir / CONFUSION_PNG,
-    }
+    missing = sorted(set(REPORT_KINDS) - set(outputs))
+    unknown = sorted(set(outputs) - set(REPORT_KINDS))
+    if missing or unknown:
+        raise ValueError(
+            f"build_report: outputs must be exactly {list(REPORT_KINDS)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    outputs = {kind: Path(outputs[kind]) for kind in REPORT_KINDS}
     for path in outputs.values():  # a stale report must not outlive a failed rebuild
         path.unlink(missing_ok=True)
     metrics_paths = list(metrics_paths)
@@ -737,12 +643,13 @@ def build_report(
     runs = load_runs(metrics_paths)
     rows = summarize(runs)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in outputs.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(_atomic(path)) for kind, path in outputs.items()}
         _write_runs_csv(runs, tmp["runs"])
         _write_csv(rows, tmp["csv"])
-        _write_md(rows, tmp["md"], title)
+        _write_md(rows, tmp["md"], title, {k: outputs[k].name for k in DEFAULT_SIBLINGS})
         _plot(rows, tmp["png"], title)
         best = best_runs(runs)
         _write_per_class(best, tmp["per_class"])
@@ -752,8 +659,6 @@ def build_report(
 
 # --- per-class accuracy and confusion matrices of the best seed ----------------------
 
-PER_CLASS_CSV = "per_class.csv"
-CONFUSION_PNG = "confusion.png"
 TEST_NOTE = (
     "Test-split evaluation, like every accuracy in these reports, is not covered by the "
     "privacy guarantee."
@@ -860,7 +765,6 @@ def _plot_confusions(best: Sequence[Mapping[str, Any]], path: Path, title: str) 
 
 # --- per-run table, cross-experiment index, privacy ledger, terminal summary -------
 
-RUNS_CSV = "runs.csv"
 RUN_COLUMNS = (
     "experiment",
     "dataset",

@@ -66,6 +66,7 @@ class LoadedStore(ChunkedRows):
         feats.setflags(write=False)
         labels.setflags(write=False)
         self.path, self.attrs = store.path, store.attrs
+        self.content_digest = store.content_digest  # what stats files are bound to
         self.features, self.labels = feats, labels
         self.num_examples, self.feature_dim = store.num_examples, store.feature_dim
         self.num_classes, self.chunk_rows = store.num_classes, store.chunk_rows
@@ -188,11 +189,12 @@ def job_log(path: str | os.PathLike | None) -> Iterator[logging.Logger]:
 
 def fit_run(spec: dict, *, input, output, log_path=None) -> dict:  # noqa: A002
     """One run of rule fit_head, in this (warm) process: `runner.run_head` on cached stores."""
+    from pipeline_lib.run_contract import RunSpec
     from pipeline_lib.runner import run_head  # imported here: the Snakefile must parse fast
 
     with job_log(log_path) as logger:
         record = run_head(
-            dict(spec),
+            RunSpec.from_dict(spec),  # checked before any store is opened
             train_store=input["train"],
             test_store=input["test"],
             metrics_path=output["metrics"],

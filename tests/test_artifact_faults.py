@@ -96,7 +96,7 @@ class _Run:
 
     def build_report(self):  # rule report_experiment (its adapter verifies first)
         verify_runs([self.metrics])
-        build_report([self.metrics], self.report, title="e")
+        build_report([self.metrics], xp.report_files(self.cfg, "e"), title="e")
 
     def all(self):
         self.compute_stats()

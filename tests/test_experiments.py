@@ -290,7 +290,7 @@ def test_schema_lists_exactly_the_head_hyperparameters():
 
     from pipeline_lib.heads import HEADS
 
-    schema = yaml.safe_load(xp.SCHEMA_PATH.read_text())
+    schema = xp.load_schema()
     entry = schema["properties"]["experiments"]["additionalProperties"]["properties"]
     described = {**entry["methods"]["properties"], **entry["baselines"]["properties"]}
     assert set(described) == set(HEADS)

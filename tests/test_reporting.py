@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pipeline_lib.reporting as reporting
+from pipeline_lib.experiments import REPORT_FILES
 from pipeline_lib.reporting import (
     MetricsError,
     build_report,
@@ -36,7 +37,6 @@ def _dp_run(method="dp_ls", epsilon=1.0, seed=0, accuracy=0.8, spent=None, nm=4.
         "neighboring_relation": "add_or_remove_one",
         "noise_multipliers": {"xtx": nm, "xty": nm},
         "test_accuracy": accuracy,
-        "train_accuracy": accuracy + 0.01,
         "dataset": "fashion_mnist",
         "backbone": "efficientnet_lite0",
         "privacy_statement": "(eps, delta)-DP, add or remove one example",
@@ -62,6 +62,11 @@ def _baseline_run(method="nonprivate_ridge", seed=0, accuracy=0.865, **extra):
     }
     run.update(extra)
     return run
+
+
+def _outputs(folder):
+    """The outputs of rule report_experiment, in ``folder``."""
+    return {kind: folder / name for kind, name in REPORT_FILES.items()}
 
 
 def _write_runs(folder, runs):
@@ -128,7 +133,6 @@ def test_medians_and_spreads(rows):
     assert dp1.max_test_accuracy == pytest.approx(0.85)
     assert dp1.spread_test_accuracy == pytest.approx(0.06)
     assert dp1.median_spent_epsilon == pytest.approx(0.998)
-    assert dp1.median_train_accuracy == pytest.approx(0.82)
     assert dict(dp1.noise_multipliers) == pytest.approx({"xtx": 4.1, "xty": 4.1})
     assert (dp1.target_delta, dp1.accountant) == (1e-5, "pld")
     assert dp1.neighboring_relation == "add_or_remove_one"
@@ -142,7 +146,6 @@ def test_medians_and_spreads(rows):
     assert ridge.median_test_accuracy == pytest.approx(0.865)
     assert ridge.spread_test_accuracy == pytest.approx(0.002)
     assert ridge.median_spent_epsilon is None and dict(ridge.noise_multipliers) == {}
-    assert ridge.median_train_accuracy is None  # baselines above report no train accuracy
     assert ridge.privacy_label == "non-private"
     assert dp1.privacy_label == "(ε, δ) = (1, 1e-05), pld"
 
@@ -376,7 +379,7 @@ def test_plot_with_baselines_only(tmp_path):
 def test_build_report(tmp_path):
     paths = _write_runs(tmp_path / "runs", _all_runs())
     out = tmp_path / "reports" / "fmnist"
-    outputs = build_report(paths, out, "Fashion-MNIST, Lite0")
+    outputs = build_report(paths, _outputs(out), "Fashion-MNIST, Lite0")
     assert sorted(p.name for p in out.iterdir()) == [
         "accuracy_vs_epsilon.png",
         "confusion.png",
@@ -405,10 +408,10 @@ def test_build_report(tmp_path):
 def test_build_report_bad_input_leaves_nothing(tmp_path):
     out = tmp_path / "report"
     good = _write_runs(tmp_path / "good", _all_runs())
-    build_report(good, out, "first")
+    build_report(good, _outputs(out), "first")
     bad = _write_runs(tmp_path / "bad", [_dp_run(spent=1.5)])
     with pytest.raises(MetricsError, match="exceeds target_epsilon"):
-        build_report(good + bad, out, "second")
+        build_report(good + bad, _outputs(out), "second")
     assert list(out.iterdir()) == []  # the stale report is gone, and nothing new appeared
 
 
@@ -419,13 +422,13 @@ def test_build_report_failure_while_writing_leaves_nothing(tmp_path, monkeypatch
     monkeypatch.setattr(reporting, "_plot", broken_plot)
     out = tmp_path / "report"
     with pytest.raises(RuntimeError, match="disk full"):
-        build_report(_write_runs(tmp_path / "runs", _all_runs()), out, "t")
+        build_report(_write_runs(tmp_path / "runs", _all_runs()), _outputs(out), "t")
     assert list(out.iterdir()) == []  # csv and md were written to temp names, then removed
 
 
 def test_build_report_needs_inputs(tmp_path):
     with pytest.raises(ValueError, match="no metrics files"):
-        build_report([], tmp_path / "out", "t")
+        build_report([], _outputs(tmp_path / "out"), "t")
 
 
 # --- per-class accuracy, confusion matrices, wall time, gap to the probe, axes ---------
@@ -452,7 +455,7 @@ def test_per_class_confusion_time_and_gap(tmp_path):
     ]
     for r in runs:
         r["class_names"] = ["tee", "trouser", "bag"]
-    out = build_report(_write_runs(tmp_path, runs), tmp_path / "rep", "t")
+    out = build_report(_write_runs(tmp_path, runs), _outputs(tmp_path / "rep"), "t")
     (dp,) = [r for r in summarize(load_runs(_write_runs(tmp_path / "b", runs))) if r.private]
     assert dp.median_wall_time_s == pytest.approx(5.0)  # median of 4, 6, 5
     assert dp.probe == "nonprivate_logistic"  # the logistic probe, not the best baseline

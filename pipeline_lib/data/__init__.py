@@ -157,7 +157,7 @@ def open_dataset(name: str, spec: Mapping, split: str) -> ImageSource:
     """Open split ``split`` of the dataset that config entry ``datasets.<name>`` describes.
 
     ``spec`` is that entry: a mapping with ``source`` (fashion_mnist, tfds or
-    image_folder) and that source's options (see workflow/schemas/config.schema.yaml).
+    image_folder) and that source's options (see pipeline_lib/schemas/config.schema.yaml).
     The result's ``name`` is ``name``. TFDS and image-folder sources read rows
     lazily, so a split never has to fit in memory; ``read`` may be called from a
     background thread (one reader at a time).

@@ -18,7 +18,10 @@ Releases
   off-diagonal noise variance), projected onto the PSD cone by clipping
   negative eigenvalues, and regularised: P = (A_psd + lambda I)^-1 with
   lambda = ridge_lambda + ridge_noise_factor * s_cov (C^2 + a^2) sqrt(d+1),
-  public. P is kept as an eigendecomposition, computed once.
+  public. P is kept as an eigendecomposition, computed once. The un-noised sum
+  is a function of the data and (C, transform, a) only, so the runs of one
+  store in one process share it (`GRAMS`, a `stats.StatsMemo` keyed by the
+  store's fingerprint; never released); each run draws its own E.
 * ``gradient`` (at each of T = ``num_steps`` steps): S_t + Z_t, where S_t is
   the sum over the batch of per-example softmax cross-entropy gradients with
   respect to W~, each clipped to norm G = ``l2_grad_clip`` (closed form, see
@@ -60,10 +63,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline_lib.heads import logistic_dp as ldp
-from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
+from pipeline_lib.heads.base import (
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PrivateHead,
+    check_calibrated_num_examples,
+    check_fields,
+    in_interval,
+    optional,
+)
+from pipeline_lib.heads.stats import StatsMemo
 from pipeline_lib.privacy import accounting, events, noise
 
 NAME = "dp_fc"
+GRAMS = StatsMemo()  # augmented X^T X per store and bounds, for this process (never released)
+FIELD_RULES = {
+    **ldp.COMMON_FIELD_RULES,
+    "bias_scale": POSITIVE,
+    "num_steps": POSITIVE_INT,
+    "covariance_share": in_interval(0, 1, closed_low=False, closed_high=False),
+    "ridge_lambda": NONNEGATIVE,
+    "ridge_noise_factor": NONNEGATIVE,
+    "batch_size": optional(POSITIVE_INT, "full batch"),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,26 +112,9 @@ class DPFeatureCovariance(PrivateHead):
     CALIBRATION_FIELDS = ("noise_multiplier", "num_examples")
 
     def __post_init__(self):
-        ldp.check_common(NAME, self)
-        if not self.bias_scale > 0:
-            raise ValueError(f"{NAME}: bias_scale must be > 0, got {self.bias_scale!r}")
-        if not (isinstance(self.num_steps, int) and self.num_steps > 0):
-            raise ValueError(f"{NAME}: num_steps must be a positive int, got {self.num_steps!r}")
-        if not 0 < self.covariance_share < 1:
-            raise ValueError(
-                f"{NAME}: covariance_share must be in (0, 1), got {self.covariance_share!r}"
-            )
-        if self.ridge_lambda < 0 or self.ridge_noise_factor < 0:
-            raise ValueError(f"{NAME}: ridge_lambda and ridge_noise_factor must be >= 0")
+        check_fields(NAME, self, FIELD_RULES)
         if self.ridge_lambda == 0 and self.ridge_noise_factor == 0:
             raise ValueError(f"{NAME}: ridge_lambda and ridge_noise_factor cannot both be 0")
-        if self.batch_size is not None and not (
-            isinstance(self.batch_size, int) and self.batch_size > 0
-        ):
-            raise ValueError(
-                f"{NAME}: batch_size must be a positive int or null (full batch), "
-                f"got {self.batch_size!r}"
-            )
 
     # ------------------------------------------------------------------ public parameters
 
@@ -194,7 +200,17 @@ class DPFeatureCovariance(PrivateHead):
     # ------------------------------------------------------------------ releases
 
     def augmented_gram(self, rows: ldp.BoundedRows) -> np.ndarray:
-        """sum_i x~_i x~_i^T over the bounded rows, one pass (NOT private; never released)."""
+        """sum_i x~_i x~_i^T over the bounded rows (NOT private; never released).
+
+        One pass over the data, or none: the sum depends only on the data, C, the
+        transform and a, so runs of the same store (epsilons, seeds, tuning candidates)
+        in one warm process share it through `GRAMS` (keyed by the store's fingerprint).
+        Every run still draws its own covariance noise.
+        """
+        params = (NAME, rows.l2_clip_norm, rows.transform, float(self.bias_scale))
+        return GRAMS.get(rows.data, params, lambda: self._augmented_gram_pass(rows))
+
+    def _augmented_gram_pass(self, rows: ldp.BoundedRows) -> np.ndarray:
         d = rows.feature_dim
         gram = np.zeros((d + 1, d + 1), np.float64)
         for xb, _, mb in rows.iter_blocks():

@@ -31,10 +31,18 @@ import math
 import dp_accounting
 import numpy as np
 
-from pipeline_lib.heads.base import PrivateHead
+from pipeline_lib.heads.base import (
+    ACCOUNTANT,
+    FEATURE_BOUND,
+    NOISE_MULTIPLIER,
+    NONNEGATIVE,
+    POSITIVE,
+    PrivateHead,
+    check_fields,
+)
+from pipeline_lib.heads.linear import solve_ridge_psd
 from pipeline_lib.heads.stats import SuffStats
 from pipeline_lib.privacy import accounting, events, noise
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,6 +51,16 @@ class NoisyStats:
 
     xtx: np.ndarray  # (d, d) symmetric, noisy, float64
     xty: np.ndarray  # (d, K) noisy, float64
+
+
+FIELD_RULES = {
+    **FEATURE_BOUND,
+    "ridge_lambda": NONNEGATIVE,
+    "ridge_noise_factor": NONNEGATIVE,
+    "xty_noise_ratio": POSITIVE,
+    **ACCOUNTANT,
+    **NOISE_MULTIPLIER,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,21 +78,7 @@ class DPLeastSquares(PrivateHead):
     name = "dp_ls"
 
     def __post_init__(self):
-        if not self.l2_clip_norm > 0:
-            raise ValueError(f"dp_ls: l2_clip_norm must be > 0, got {self.l2_clip_norm!r}")
-        if self.feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"dp_ls: feature_transform {self.feature_transform!r} unknown; "
-                f"use one of {FEATURE_TRANSFORMS}"
-            )
-        if self.ridge_lambda < 0 or self.ridge_noise_factor < 0:
-            raise ValueError("dp_ls: ridge_lambda and ridge_noise_factor must be >= 0")
-        if not self.xty_noise_ratio > 0:
-            raise ValueError(f"dp_ls: xty_noise_ratio must be > 0, got {self.xty_noise_ratio!r}")
-        if self.accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(f"dp_ls: accountant must be one of {accounting.ACCOUNTANTS}")
-        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ValueError(f"dp_ls: noise_multiplier must be > 0, got {self.noise_multiplier}")
+        check_fields(self.name, self, FIELD_RULES)
 
     def noise_multipliers(self) -> dict[str, float]:
         s = self._require_calibrated()
@@ -143,19 +147,3 @@ class DPLeastSquares(PrivateHead):
                 f"transform={stats.transform!r}, but the head uses "
                 f"{self.l2_clip_norm}, {self.feature_transform!r}"
             )
-
-
-def solve_ridge_psd(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
-    """argmin_W ||XW - Y||^2 + ridge ||W||^2 from (possibly noisy) X^T X and X^T Y.
-
-    The Gram matrix is symmetrised and projected onto the PSD cone by clipping
-    negative eigenvalues (a noisy Gram matrix is indefinite), then the
-    regularised system is solved in the eigenbasis.
-    """
-    if ridge < 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
-    evals, evecs = np.linalg.eigh((xtx + xtx.T) / 2.0)
-    evals = np.clip(evals, 0.0, None) + ridge
-    if np.min(evals) <= 0:
-        raise ValueError("ridge=0 with a singular Gram matrix; use ridge_lambda > 0")
-    return evecs @ ((evecs.T @ xty) / evals[:, None])

@@ -88,6 +88,14 @@ block per step, each block's systems solved before the next block. All blocks
 of a step use the same W_t. The bounded, augmented features are cached in
 memory only when that cache (padded rows x (d+1) x 4 bytes) fits
 `max_in_memory_bytes`; otherwise every pass re-reads the store.
+
+Cost: each per-class step after the first computes K Hessians over N rows.
+H_k is symmetric, so only its block upper triangle is accumulated (row tiles
+of `HESSIAN_TILE_ROWS`; 60 % of the full product's 2 N (d+1)^2 FLOPs per class
+at d+1 = 1280) and mirrored once per pass. This changes float rounding only:
+the released quantity, its sensitivity and its noise are the same. At N =
+1.28M, d = 1280, K = 1000 one step is still about 2.5e15 FLOPs (7 passes of
+blocks of 143 classes at the default 1 GB budget): see benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -102,17 +110,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline_lib.heads.base import PrivateHead
-from pipeline_lib.heads.dp_ls import solve_ridge_psd
-from pipeline_lib.heads.stats import padded_chunks
+from pipeline_lib.heads.base import (
+    ACCOUNTANT,
+    BOOLEAN,
+    FEATURE_BOUND,
+    NOISE_MULTIPLIER,
+    NONNEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    PrivateHead,
+    Rule,
+    check_fields,
+    in_interval,
+    optional,
+)
+from pipeline_lib.heads.linear import padded_chunks, solve_ridge_psd
 from pipeline_lib.privacy import accounting, events, noise
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, SHRINK, bound_rows, clip_l2
+from pipeline_lib.privacy.clipping import SHRINK, bound_rows, clip_l2
 
 GRADIENT_RELEASE = "dp_newton/gradient"
 HESSIAN_RELEASE = "dp_newton/hessian"
 GRAM_RELEASE = "dp_newton/gram"
 LABEL_SUMS_RELEASE = "dp_newton/label_sums"
 _HESSIAN_BYTES_PER_ENTRY = 4  # float32 accumulators
+HESSIAN_TILE_ROWS = 256  # row tile of the block upper triangle (see accumulate_chunk)
 
 
 def augmented_dim(feature_dim: int, bias_feature: float) -> int:
@@ -173,9 +194,19 @@ def hessian_weights(logits, *, hessian_weight_bound):
     return clip_l2(a, hessian_weight_bound)
 
 
+def hessian_tiles(dim: int, tile_rows: int = HESSIAN_TILE_ROWS) -> list[tuple[int, int]]:
+    """Row tiles [lo, hi) of a (dim x dim) Hessian; tile i is computed for columns >= lo."""
+    return [(lo, min(lo + tile_rows, dim)) for lo in range(0, dim, tile_rows)]
+
+
+def hessian_tile_flop_fraction(dim: int, tile_rows: int = HESSIAN_TILE_ROWS) -> float:
+    """FLOPs of the block upper triangle over those of the full (dim x dim) product."""
+    return sum((hi - lo) * (dim - lo) for lo, hi in hessian_tiles(dim, tile_rows)) / dim**2
+
+
 @partial(
     jax.jit,
-    static_argnames=("num_classes", "residual_bound", "hessian_weight_bound"),
+    static_argnames=("num_classes", "residual_bound", "hessian_weight_bound", "tile_rows"),
     donate_argnums=(0, 1),
 )
 def accumulate_chunk(
@@ -190,11 +221,17 @@ def accumulate_chunk(
     num_classes,
     residual_bound,
     hessian_weight_bound,
+    tile_rows=HESSIAN_TILE_ROWS,
 ):
     """Add one chunk's gradient and Hessian sums for the block `classes` (shape (b,)).
 
     xa: (n, d+1) augmented rows (zero on padding); weights: (d+1, K).
     grad: (d+1, b) and hess: (b, d+1, d+1) accumulators, updated in place.
+
+    H_k is symmetric, so only its block upper triangle is accumulated: row tile
+    [lo, hi) gets (a_k x~)[:, lo:hi]^T x~[:, lo:], about (1 + 1/tiles) / 2 of the
+    full product's FLOPs. Entries left of a row's tile stay zero until
+    `mirror_hessians` copies them from their transposes after the last chunk.
     """
     logits = xa @ weights
     r = clipped_residuals(logits, labels, num_classes=num_classes, residual_bound=residual_bound)
@@ -202,12 +239,38 @@ def accumulate_chunk(
     a = hessian_weights(logits, hessian_weight_bound=hessian_weight_bound)
     a = a[:, classes] * mask[:, None]
     grad = grad + xa.T @ r[:, classes]
+    tiles = hessian_tiles(xa.shape[1], tile_rows)
+    # The column slices are the same for every class: cut them once per chunk.
+    rows_of = [xa[:, lo:hi] for lo, hi in tiles]
+    cols_of = [xa[:, lo:] for lo, _ in tiles]
 
-    def one_class(j, h):  # one (d+1) x (d+1) product at a time: no (b, n, d+1) temporary
-        return h.at[j].add((xa * a[:, j][:, None]).T @ xa)
+    def one_class(j, h):  # one class at a time: no (b, n, d+1) temporary
+        aj = a[:, j][:, None]
+        for (lo, hi), xr, xc in zip(tiles, rows_of, cols_of, strict=True):
+            h = h.at[j, lo:hi, lo:].add((xr * aj).T @ xc)
+        return h
 
     hess = jax.lax.fori_loop(0, classes.shape[0], one_class, hess)
     return grad, hess
+
+
+@partial(jax.jit, static_argnames=("tile_rows",), donate_argnums=(0,))
+def mirror_hessians(hess, *, tile_rows=HESSIAN_TILE_ROWS):
+    """Fill each Hessian's entries below its row tiles from their transposes.
+
+    Entry (i, j) was accumulated iff j >= lo(i), the first column of i's row
+    tile; otherwise (j, i) was (lo(j) <= j < lo(i) <= i). The result is the
+    full sum_i a_ik x~_i x~_i^T (exactly symmetric outside the diagonal tiles,
+    which are full products, symmetric up to rounding as before).
+    """
+    dim = hess.shape[1]
+    lo = (jnp.arange(dim) // tile_rows) * tile_rows
+    kept = jnp.arange(dim)[None, :] >= lo[:, None]
+
+    def one_class(j, h):
+        return h.at[j].set(jnp.where(kept, h[j], h[j].T))
+
+    return jax.lax.fori_loop(0, hess.shape[0], one_class, hess)
 
 
 @partial(jax.jit, static_argnames=("num_classes",), donate_argnums=(0, 1))
@@ -216,6 +279,27 @@ def accumulate_gram_chunk(gram, label_sums, xa, labels, *, num_classes):
     gram = gram + xa.T @ xa
     label_sums = label_sums + jax.ops.segment_sum(xa, labels, num_segments=num_classes).T
     return gram, label_sums
+
+
+FRACTION = in_interval(0, 1, closed_low=False, closed_high=True)
+FIELD_RULES = {
+    **FEATURE_BOUND,
+    "bias_feature": Rule(NONNEGATIVE.ok, "must be >= 0 (0 = no bias)"),
+    "num_steps": POSITIVE_INT,
+    "step_size": POSITIVE,
+    "l2_penalty": NONNEGATIVE,
+    "ridge_lambda": NONNEGATIVE,
+    "ridge_noise_factor": NONNEGATIVE,
+    "residual_clip_fraction": FRACTION,
+    "hessian_clip_fraction": FRACTION,
+    "hessian_noise_ratio": POSITIVE,
+    "shared_first_step": BOOLEAN,
+    "hessian_class_block": optional(POSITIVE_INT, "all classes at once"),
+    "max_hessian_bytes": POSITIVE,
+    "max_in_memory_bytes": NONNEGATIVE,
+    **ACCOUNTANT,
+    **NOISE_MULTIPLIER,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -243,44 +327,7 @@ class DPNewton(PrivateHead):
     name = "dp_newton"
 
     def __post_init__(self):
-        def need(ok: bool, key: str, rule: str):
-            if not ok:
-                raise ValueError(f"dp_newton: {key} {rule}, got {getattr(self, key)!r}")
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(self.l2_clip_norm > 0, "l2_clip_norm", "must be > 0")
-        if self.feature_transform not in FEATURE_TRANSFORMS:
-            raise ValueError(
-                f"dp_newton: feature_transform {self.feature_transform!r} unknown; "
-                f"use one of {FEATURE_TRANSFORMS}"
-            )
-        need(self.bias_feature >= 0, "bias_feature", "must be >= 0 (0 = no bias)")
-        need(is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "must be an integer >= 1")
-        need(self.step_size > 0, "step_size", "must be > 0")
-        need(self.l2_penalty >= 0, "l2_penalty", "must be >= 0")
-        need(self.ridge_lambda >= 0, "ridge_lambda", "must be >= 0")
-        need(self.ridge_noise_factor >= 0, "ridge_noise_factor", "must be >= 0")
-        need(0 < self.residual_clip_fraction <= 1, "residual_clip_fraction", "must be in (0, 1]")
-        need(0 < self.hessian_clip_fraction <= 1, "hessian_clip_fraction", "must be in (0, 1]")
-        need(self.hessian_noise_ratio > 0, "hessian_noise_ratio", "must be > 0")
-        need(isinstance(self.shared_first_step, bool), "shared_first_step", "must be true or false")
-        need(
-            self.hessian_class_block is None
-            or (is_int(self.hessian_class_block) and self.hessian_class_block >= 1),
-            "hessian_class_block",
-            "must be None or an integer >= 1",
-        )
-        need(self.max_hessian_bytes > 0, "max_hessian_bytes", "must be > 0")
-        need(self.max_in_memory_bytes >= 0, "max_in_memory_bytes", "must be >= 0")
-        if self.accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(
-                f"dp_newton: accountant must be one of {accounting.ACCOUNTANTS}, "
-                f"got {self.accountant!r}"
-            )
-        if self.noise_multiplier is not None:
-            need(self.noise_multiplier > 0, "noise_multiplier", "must be > 0")
+        check_fields(self.name, self, FIELD_RULES)
 
     # --- privacy -------------------------------------------------------------------------
 
@@ -511,10 +558,11 @@ class DPNewton(PrivateHead):
                 num_classes=num_classes,
                 residual_bound=self.residual_bound(num_classes),
                 hessian_weight_bound=self.hessian_weight_bound(num_classes),
+                tile_rows=HESSIAN_TILE_ROWS,
             )
             seen += rows
         _check_one_pass(seen, num_examples)
-        return grad, hess
+        return grad, mirror_hessians(hess, tile_rows=HESSIAN_TILE_ROWS)
 
     def chunk_source(self, data) -> Callable[[], Iterator[tuple]]:
         """Padded (augmented rows, labels, mask, real rows) chunks: cached if they fit,

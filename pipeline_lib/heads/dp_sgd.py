@@ -49,10 +49,26 @@ import numpy as np
 import optax
 
 from pipeline_lib.heads import logistic_dp as ldp
-from pipeline_lib.heads.base import PrivateHead, check_calibrated_num_examples
+from pipeline_lib.heads.base import (
+    POSITIVE,
+    POSITIVE_INT,
+    PrivateHead,
+    check_calibrated_num_examples,
+    check_fields,
+    in_interval,
+    one_of,
+)
 from pipeline_lib.privacy import accounting, events, noise
 
 NAME = "dp_sgd"
+FIELD_RULES = {
+    **ldp.COMMON_FIELD_RULES,
+    "batch_size": POSITIVE_INT,
+    "epochs": POSITIVE,
+    "optimizer": one_of(ldp.OPTIMIZERS),
+    "lr_schedule": one_of(ldp.LR_SCHEDULES),
+    "momentum": in_interval(0, 1, closed_low=True, closed_high=False),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,21 +93,7 @@ class DPSGDLogistic(PrivateHead):
     CALIBRATION_FIELDS = ("noise_multiplier", "num_examples")
 
     def __post_init__(self):
-        ldp.check_common(NAME, self)
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise ValueError(f"{NAME}: batch_size must be a positive int, got {self.batch_size!r}")
-        if not self.epochs > 0:
-            raise ValueError(f"{NAME}: epochs must be > 0, got {self.epochs!r}")
-        if self.optimizer not in ldp.OPTIMIZERS:
-            raise ValueError(
-                f"{NAME}: optimizer {self.optimizer!r} unknown; use one of {ldp.OPTIMIZERS}"
-            )
-        if self.lr_schedule not in ldp.LR_SCHEDULES:
-            raise ValueError(
-                f"{NAME}: lr_schedule {self.lr_schedule!r} unknown; use one of {ldp.LR_SCHEDULES}"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"{NAME}: momentum must be in [0, 1), got {self.momentum!r}")
+        check_fields(NAME, self, FIELD_RULES)
         if self.num_examples is not None:
             self._check_num_examples(self.num_examples)
 

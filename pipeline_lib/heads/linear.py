@@ -1,4 +1,8 @@
-"""Linear heads: prediction and streamed evaluation."""
+"""Linear heads: prediction, streamed evaluation, and the shared linear algebra.
+
+Shared by the heads: `solve_ridge_psd` (ridge solve from a possibly noisy Gram
+matrix) and `pad_rows` / `padded_chunks` (fixed shapes for jit, with a mask).
+"""
 
 from __future__ import annotations
 
@@ -71,3 +75,36 @@ def num_correct(
         )
         correct += int(np.sum(np.asarray(jnp.argmax(logits, axis=-1)) == labels))
     return correct
+
+
+def pad_rows(x: np.ndarray, y: np.ndarray, rows: int):
+    """Pad (x, y) with zero rows up to `rows` and return (x, y, mask): one compiled shape."""
+    n = len(y)
+    mask = np.zeros(rows, np.float32)
+    mask[:n] = 1.0
+    if n < rows:
+        x = np.concatenate([x, np.zeros((rows - n, x.shape[1]), x.dtype)])
+        y = np.concatenate([y, np.zeros(rows - n, y.dtype)])
+    return x, y, mask
+
+
+def padded_chunks(store: FeatureStore):
+    """Chunks padded to the store's chunk_rows with a mask, so jit compiles once."""
+    for feats, labels in store.iter_chunks():
+        yield pad_rows(feats, labels, store.chunk_rows)
+
+
+def solve_ridge_psd(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_W ||XW - Y||^2 + ridge ||W||^2 from (possibly noisy) X^T X and X^T Y.
+
+    The Gram matrix is symmetrised and projected onto the PSD cone by clipping
+    negative eigenvalues (a noisy Gram matrix is indefinite), then the
+    regularised system is solved in the eigenbasis.
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    evals, evecs = np.linalg.eigh((xtx + xtx.T) / 2.0)
+    evals = np.clip(evals, 0.0, None) + ridge
+    if np.min(evals) <= 0:
+        raise ValueError("ridge=0 with a singular Gram matrix; use ridge_lambda > 0")
+    return evecs @ ((evecs.T @ xty) / evals[:, None])

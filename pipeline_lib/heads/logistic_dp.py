@@ -50,8 +50,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pipeline_lib.privacy.accounting import ACCOUNTANTS
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows, clip_factors
+from pipeline_lib.heads.base import (
+    ACCOUNTANT,
+    FEATURE_BOUND,
+    NOISE_MULTIPLIER,
+    NONNEGATIVE,
+    POSITIVE,
+)
+from pipeline_lib.heads.linear import pad_rows
+from pipeline_lib.privacy.clipping import bound_rows, clip_factors
 from pipeline_lib.privacy.noise import KeyStream
 from pipeline_lib.privacy.sampling import bernoulli_threshold, poisson_masks
 
@@ -148,7 +155,7 @@ class BoundedRows:
         seen = 0
         for feats, labels in self.data.iter_chunks():
             seen += len(labels)
-            yield _pad(np.asarray(self._bound_chunk(feats)), labels, self.chunk_rows)
+            yield _padded(self._bound_chunk(feats), labels, self.chunk_rows)
         if seen != self.num_examples:
             raise AssertionError(f"read {seen} rows, store has {self.num_examples}")
 
@@ -209,13 +216,15 @@ class BoundedRows:
         xs, ys = [], []
         for c, (feats, labels) in enumerate(self.data.iter_chunks()):
             sel = np.flatnonzero(self._chunk_mask(stream, step, q, c)[: len(labels)])
-            if sel.size:
-                xs.append(np.asarray(self._bound_chunk(feats))[sel])
+            if sel.size:  # keep the raw sampled rows; bound_rows is row-wise, bound them below
+                xs.append(np.asarray(feats, np.float32)[sel])
                 ys.append(np.asarray(labels, np.int32)[sel])
         x = np.concatenate(xs) if xs else np.zeros((0, self.feature_dim), np.float32)
         y = np.concatenate(ys) if ys else np.zeros(0, np.int32)
         for start in range(0, len(y), sub_rows):
-            xb, yb, mb = _pad(x[start : start + sub_rows], y[start : start + sub_rows], sub_rows)
+            xb, yb, mb = _padded(x[start : start + sub_rows], y[start : start + sub_rows], sub_rows)
+            # padding rows are zero and masked out; bounding a zero row keeps it zero
+            xb = self._bound_chunk(xb) * mb[:, None]
             dw, db = _clipped_grad_sum_jit(params["weights"], params["bias"], xb, yb, mb, **kw)
             gw, gb = gw + dw, gb + db
         return gw, gb
@@ -228,15 +237,9 @@ def _gathered_grad_sum(weights, bias, x, y, take, valid, *, l2_grad_clip, bias_s
     )
 
 
-def _pad(x, y, rows: int):
-    n = len(y)
-    mask = np.zeros(rows, np.float32)
-    mask[:n] = 1.0
-    if n < rows:
-        x = np.concatenate(
-            [np.asarray(x, np.float32), np.zeros((rows - n, x.shape[1]), np.float32)]
-        )
-        y = np.concatenate([np.asarray(y, np.int32), np.zeros(rows - n, np.int32)])
+def _padded(x, y, rows: int):
+    """`pad_rows` (float32 features, int32 labels) as device arrays: one jit shape."""
+    x, y, mask = pad_rows(np.asarray(x, np.float32), np.asarray(y, np.int32), rows)
     return jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)
 
 
@@ -310,26 +313,12 @@ def solve_scale(mu_of_scale, target_mu: float) -> float:
 # --------------------------------------------------------------------------- validation
 
 
-def check_common(name: str, head) -> None:
-    """Errors that name the hyperparameter at fault, shared by both heads."""
-    if not head.l2_clip_norm > 0:
-        raise ValueError(f"{name}: l2_clip_norm must be > 0, got {head.l2_clip_norm!r}")
-    if head.feature_transform not in FEATURE_TRANSFORMS:
-        raise ValueError(
-            f"{name}: feature_transform {head.feature_transform!r} unknown; "
-            f"use one of {FEATURE_TRANSFORMS}"
-        )
-    if not head.l2_grad_clip > 0:
-        raise ValueError(f"{name}: l2_grad_clip must be > 0, got {head.l2_grad_clip!r}")
-    if not head.learning_rate > 0:
-        raise ValueError(f"{name}: learning_rate must be > 0, got {head.learning_rate!r}")
-    if not head.max_in_memory_bytes >= 0:
-        raise ValueError(
-            f"{name}: max_in_memory_bytes must be >= 0, got {head.max_in_memory_bytes!r}"
-        )
-    if head.accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"{name}: accountant must be one of {ACCOUNTANTS}, got {head.accountant!r}"
-        )
-    if head.noise_multiplier is not None and not head.noise_multiplier > 0:
-        raise ValueError(f"{name}: noise_multiplier must be > 0, got {head.noise_multiplier!r}")
+# The fields both Poisson-sampled logistic heads (dp_sgd, dp_fc) share.
+COMMON_FIELD_RULES = {
+    **FEATURE_BOUND,
+    "l2_grad_clip": POSITIVE,
+    "learning_rate": POSITIVE,
+    "max_in_memory_bytes": NONNEGATIVE,
+    **ACCOUNTANT,
+    **NOISE_MULTIPLIER,
+}

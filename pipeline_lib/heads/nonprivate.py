@@ -15,16 +15,10 @@ import numpy as np
 import optax
 
 from pipeline_lib.features.store import FeatureStore
-from pipeline_lib.heads.dp_ls import solve_ridge_psd
-from pipeline_lib.heads.stats import SuffStats, pad_rows
-from pipeline_lib.privacy.clipping import FEATURE_TRANSFORMS, bound_rows
-
-
-def _check_common(name, l2_clip_norm, transform):
-    if not l2_clip_norm > 0:
-        raise ValueError(f"{name}: l2_clip_norm must be > 0, got {l2_clip_norm!r}")
-    if transform not in FEATURE_TRANSFORMS:
-        raise ValueError(f"{name}: feature_transform {transform!r} not in {FEATURE_TRANSFORMS}")
+from pipeline_lib.heads.base import FEATURE_BOUND, NONNEGATIVE, POSITIVE, POSITIVE_INT, check_fields
+from pipeline_lib.heads.linear import pad_rows, solve_ridge_psd
+from pipeline_lib.heads.stats import SuffStats
+from pipeline_lib.privacy.clipping import bound_rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,9 +33,7 @@ class NonPrivateRidge:
     private = False
 
     def __post_init__(self):
-        _check_common(self.name, self.l2_clip_norm, self.feature_transform)
-        if not self.ridge_lambda > 0:
-            raise ValueError(f"{self.name}: ridge_lambda must be > 0, got {self.ridge_lambda!r}")
+        check_fields(self.name, self, {**FEATURE_BOUND, "ridge_lambda": POSITIVE})
 
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,12 +72,14 @@ class NonPrivateLogistic:
     private = False
 
     def __post_init__(self):
-        _check_common(self.name, self.l2_clip_norm, self.feature_transform)
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{self.name}: {key} must be > 0")
-        if self.l2_penalty < 0 or not self.learning_rate > 0:
-            raise ValueError(f"{self.name}: need l2_penalty >= 0 and learning_rate > 0")
+        rules = {
+            **FEATURE_BOUND,
+            "l2_penalty": NONNEGATIVE,
+            "learning_rate": POSITIVE,
+            "epochs": POSITIVE_INT,
+            "batch_size": POSITIVE_INT,
+        }
+        check_fields(self.name, self, rules)
 
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self)

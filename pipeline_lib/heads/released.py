@@ -1,15 +1,16 @@
 """Load a released head (head.npz) and predict with it.
 
 head.npz holds the released weights and bias, the sha256 of its content
-(``content_sha256``, checked by `load_head`) and, as JSON under `metadata`,
-everything in the run's metrics.json: method, privacy guarantee (target and
-spent epsilon, delta, accountant, neighbouring relation, noise multipliers,
-dp_event, privacy statement), the hyperparameters, and the feature bound
-(l2_clip_norm, feature_transform) that `predict` must apply to new features,
-the class names (label i is ``class_names[i]``) and, under ``features``, how the
-training features were made (backbone, checkpoint sha256, image size,
-preprocessing including the resize, dtype, batch shape), so that
-``python -m pipeline_lib.classify`` computes features of new images the same way.
+(``content_sha256``, checked by `load_head`) and, as JSON under `metadata`, the
+run's record (`pipeline_lib.run_contract.RunRecord`, checked on load, as in
+metrics.json): method, privacy guarantee (target and spent epsilon, delta,
+accountant, neighbouring relation, noise multipliers, dp_event, privacy
+statement), the hyperparameters, and the feature bound (l2_clip_norm,
+feature_transform) that `predict` must apply to new features, the class names
+(label i is ``class_names[i]``) and, under ``features``, how the training
+features were made (backbone, checkpoint sha256, image size, preprocessing
+including the resize, dtype, batch shape), so that ``python -m
+pipeline_lib.classify`` computes features of new images the same way.
 """
 
 from __future__ import annotations
@@ -23,42 +24,43 @@ import numpy as np
 
 from pipeline_lib import integrity
 from pipeline_lib.heads.linear import predict_logits
+from pipeline_lib.run_contract import RunRecord
 
 
 @dataclasses.dataclass(frozen=True)
 class ReleasedHead:
     weights: np.ndarray  # (d, K) float32
     bias: np.ndarray  # (K,) float32
-    metadata: dict
+    metadata: RunRecord  # the run's record, as its metrics.json holds it
 
     @property
     def private(self) -> bool:
-        return bool(self.metadata["private"])
+        return bool(self.metadata.private)
 
     @property
     def differentially_private(self) -> bool:
         """True only for a DP head whose noise came from a secret key: False for baselines
         and for runs with reproducible noise, which are NOT differentially private."""
-        return self.private and self.metadata.get("differentially_private") is True
+        return self.private and self.metadata.differentially_private is True
 
     @property
     def class_names(self) -> list[str]:
         """Label i's name; the label index as text for heads released without names."""
-        names = self.metadata.get("class_names")
+        names = self.metadata.class_names
         if names and len(names) == self.weights.shape[1]:
             return [str(n) for n in names]
         return [str(i) for i in range(self.weights.shape[1])]
 
     @property
     def epsilon(self) -> float | None:
-        return self.metadata.get("spent_epsilon")
+        return self.metadata.spent_epsilon
 
     @property
     def delta(self) -> float | None:
-        return self.metadata.get("spent_delta")
+        return self.metadata.spent_delta
 
     def logits(self, features: np.ndarray) -> np.ndarray:
-        hp = self.metadata["hyperparameters"]
+        hp = self.metadata.hyperparameters
         features = np.asarray(features, np.float32)
         if features.ndim != 2 or features.shape[1] != self.weights.shape[0]:
             raise ValueError(
@@ -115,10 +117,9 @@ def load_head(path: str | os.PathLike, *, repair: str | None = None) -> Released
         raise integrity.IntegrityError(
             path, "checksum", "its content does not match its recorded sha256", fix
         )
-    metadata = json.loads(str(text))
+    metadata = RunRecord.from_json(json.loads(str(text)), f"{path} (metadata)")
     if weights.ndim != 2 or bias.shape != (weights.shape[1],):
         raise ValueError(f"{path}: weights {weights.shape} and bias {bias.shape} do not match")
-    for key in ("private", "hyperparameters", "method"):
-        if key not in metadata:
-            raise ValueError(f"{path}: metadata lacks {key!r}")
+    if not isinstance(metadata.hyperparameters, dict):
+        raise ValueError(f"{path}: metadata lacks 'hyperparameters'")
     return ReleasedHead(weights=weights, bias=bias, metadata=metadata)

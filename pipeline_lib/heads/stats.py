@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import zipfile
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from pipeline_lib import integrity
 from pipeline_lib.features.store import FeatureStore
+from pipeline_lib.heads.linear import padded_chunks
 from pipeline_lib.privacy.clipping import bound_rows
 
 
@@ -52,23 +55,6 @@ def _chunk_stats(x, y, mask, *, num_classes, l2_clip_norm, transform):
     return xtx, xty, counts
 
 
-def pad_rows(x: np.ndarray, y: np.ndarray, rows: int):
-    """Pad (x, y) with zero rows up to `rows` and return (x, y, mask): one compiled shape."""
-    n = len(y)
-    mask = np.zeros(rows, np.float32)
-    mask[:n] = 1.0
-    if n < rows:
-        x = np.concatenate([x, np.zeros((rows - n, x.shape[1]), x.dtype)])
-        y = np.concatenate([y, np.zeros(rows - n, y.dtype)])
-    return x, y, mask
-
-
-def padded_chunks(store: FeatureStore):
-    """Chunks padded to the store's chunk_rows with a mask, so jit compiles once."""
-    for feats, labels in store.iter_chunks():
-        yield pad_rows(feats, labels, store.chunk_rows)
-
-
 def data_identity(data) -> str:
     """Which data statistics were computed from: a store's manifest digest, plus the part.
 
@@ -82,6 +68,68 @@ def data_identity(data) -> str:
         base = data_identity(parent)
         return f"{base}/{part}:{float(data.fraction)!r}" if base else ""
     return ""
+
+
+def data_fingerprint(data) -> tuple | None:
+    """What a store (or a part of one) is *now*, or None when that cannot be told.
+
+    A store: its manifest digest (the sha256 of every chunk, `data_identity`) plus the
+    (path, size, mtime) of every file in its directory (`sweep.store_fingerprint`), so a
+    re-extracted, replaced or damaged store gets a new fingerprint. A `RowSubset`: its
+    parent's fingerprint plus the part and the validation fraction. In-memory arrays: None.
+    """
+    digest, path = getattr(data, "content_digest", None), getattr(data, "path", None)
+    if digest and path is not None:
+        from pipeline_lib.sweep import store_fingerprint  # sweep imports no heads
+
+        return (str(digest), store_fingerprint(path))
+    parent, part = getattr(data, "data", None), getattr(data, "part", None)
+    if parent is not None and part is not None:
+        base = data_fingerprint(parent)
+        return None if base is None else (base, str(part), float(data.fraction))
+    return None
+
+
+class StatsMemo:
+    """Un-noised statistics of stores, kept across the runs of one (warm) process.
+
+    Like the DP-LS statistics file, an entry is a function of private data and is NEVER
+    released: a head adds its own fresh noise to what it gets here, for every run. Entries
+    are keyed by `data_fingerprint` (so a changed store is recomputed, never served stale)
+    plus the caller's public parameters (clip norm, transform, ...); data without a
+    fingerprint is never memoised. Least recently used entries beyond `max_entries` are
+    dropped. Thread-safe; two threads may compute the same entry once each.
+    """
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = int(max_entries)
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self.computed = 0  # how many times an entry was computed (tests, benchmarks)
+
+    def get(self, data, params: tuple, compute) -> np.ndarray:
+        """``compute()`` for this data and ``params``, or the memoised result (read-only)."""
+        fingerprint = data_fingerprint(data)
+        if fingerprint is None:
+            return compute()
+        key = (fingerprint, params)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = np.asarray(compute())
+        value.setflags(write=False)
+        with self._lock:
+            self.computed += 1
+            if data_fingerprint(data) == fingerprint:  # unchanged while we read it
+                self._entries[key] = value
+                while len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 def compute_stats(store: FeatureStore, *, l2_clip_norm: float, transform: str) -> SuffStats:

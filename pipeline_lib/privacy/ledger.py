@@ -68,7 +68,8 @@ def _total_epsilon(events: list, delta: float) -> tuple[float, str]:
 
 
 def compose_ledger(runs: Iterable[Mapping[str, Any]]) -> list[LedgerRow]:
-    """One row per dataset with private runs; runs are loaded metrics.json dicts."""
+    """One row per dataset with private runs; runs are `RunRecord`s (`reporting.load_runs`)
+    or the same keys as a plain mapping."""
     by_dataset: dict[str, list[Mapping[str, Any]]] = {}
     for run in runs:
         # A run with reproducible noise is NOT DP (its noise can be regenerated from the

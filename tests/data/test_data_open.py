@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import yaml
 
+from pipeline_lib import experiments as xp
 from pipeline_lib.data import SOURCES, ImageDataset, ImageSource, open_dataset
 from pipeline_lib.data.idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(xp.schema_path(xp.CONFIG_SCHEMA_NAME))  # package data
 CONFIG_PATH = ROOT / "config" / "config.yaml"
 
 

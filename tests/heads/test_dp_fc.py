@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from pipeline_lib.features.memory import InMemoryFeatures
+from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import logistic_dp as ldp
 from pipeline_lib.heads.dp_fc import DPFeatureCovariance
 from pipeline_lib.privacy import accounting
@@ -222,14 +223,14 @@ def test_poisson_fit_refuses_data_of_another_size():
     "params,match",
     [
         ({"l2_clip_norm": -1}, "dp_fc: l2_clip_norm must be > 0"),
-        ({"feature_transform": "whiten"}, "feature_transform 'whiten' unknown"),
+        ({"feature_transform": "whiten"}, r"feature_transform must be one of .*, got 'whiten'"),
         ({"l2_grad_clip": 0}, "l2_grad_clip must be > 0"),
         ({"bias_scale": 0}, "bias_scale must be > 0"),
-        ({"num_steps": 0}, "num_steps must be a positive int"),
+        ({"num_steps": 0}, "num_steps must be an integer >= 1"),
         ({"covariance_share": 1.0}, "covariance_share must be in"),
-        ({"ridge_lambda": -1}, "ridge_lambda and ridge_noise_factor must be >= 0"),
+        ({"ridge_lambda": -1}, "ridge_lambda must be >= 0"),
         ({"ridge_lambda": 0, "ridge_noise_factor": 0}, "cannot both be 0"),
-        ({"batch_size": 0}, "batch_size must be a positive int or null"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1 or null"),
         ({"accountant": "zcdp"}, "accountant must be one of"),
     ],
 )
@@ -243,3 +244,92 @@ def test_uncalibrated_head_refuses_to_fit():
         DPFeatureCovariance().fit(_data(), key=rk(0))
     hp = DPFeatureCovariance().hyperparameters()
     assert "noise_multiplier" not in hp and "num_examples" not in hp
+
+
+# --- the augmented X^T X, shared by the runs of one process ---------------------------------
+
+
+def _write_store(path, n=700, d=6, k=3, seed=0, shift=0.0, chunk_rows=128):
+    from pipeline_lib.features import store as fs
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n).astype(np.int32)
+    x = (rng.normal(size=(k, d))[y] + 0.6 * rng.normal(size=(n, d)) + shift).astype(np.float32)
+    attrs = dict(
+        backbone="synthetic", checkpoint_sha256="0" * 64, preprocessing="none", image_size=16,
+        dataset="syn", split="train", num_classes=k,
+    )  # fmt: skip
+    fs.create_store(path, num_examples=n, feature_dim=d, chunk_rows=chunk_rows, attrs=attrs)
+    for c in range(fs.num_chunks(n, chunk_rows)):
+        a, b = fs.chunk_bounds(c, n, chunk_rows)
+        fs.write_chunk(path, c, x[a:b], y[a:b])
+    fs.finalize_store(path)
+    return path
+
+
+def test_runs_of_one_store_share_the_augmented_gram_with_identical_results(tmp_path, monkeypatch):
+    from pipeline_lib import sweep
+    from pipeline_lib.features.split import RowSubset
+    from pipeline_lib.heads import dp_fc, stats
+
+    monkeypatch.setattr(dp_fc, "GRAMS", stats.StatsMemo())
+    passes = []
+    original = dp_fc.DPFeatureCovariance._augmented_gram_pass
+    monkeypatch.setattr(
+        dp_fc.DPFeatureCovariance,
+        "_augmented_gram_pass",
+        lambda self, rows: passes.append(1) or original(self, rows),
+    )
+    path = _write_store(tmp_path / "train.zarr")
+    data = sweep.StoreCache(budget_mb=64).open(path)
+    head = DPFeatureCovariance(num_steps=3, noise_multiplier=2.0)
+    first = head.fit(data, key=rk(5))
+    again = head.fit(data, key=rk(5))  # another run, same noise seed: the memo serves X~^T X~
+    assert len(passes) == 1 and dp_fc.GRAMS.computed == 1
+    for name in ("weights", "bias"):
+        np.testing.assert_array_equal(again[name], first[name])
+    other_seed = head.fit(data, key=rk(6))  # still its own noise
+    assert len(passes) == 1 and not np.allclose(other_seed["weights"], first["weights"])
+    # other bounds, the streamed store and a part of it are other entries
+    dataclasses.replace(head, bias_scale=0.5).fit(data, key=rk(5))
+    dataclasses.replace(head, l2_clip_norm=0.5).fit(data, key=rk(5))
+    head.fit(RowSubset(data, part="fit", fraction=0.2), key=rk(5))
+    assert len(passes) == 4
+    # the same store streamed from disk is the same data: served from the memo
+    streamed = head.fit(FeatureStore(path), key=rk(5))
+    assert len(passes) == 4
+    np.testing.assert_allclose(streamed["weights"], first["weights"], rtol=1e-5, atol=1e-6)
+    # a fresh process (an empty memo) gives bit-identical results
+    monkeypatch.setattr(dp_fc, "GRAMS", stats.StatsMemo())
+    cold = head.fit(data, key=rk(5))
+    for name in ("weights", "bias"):
+        np.testing.assert_array_equal(cold[name], first[name])
+    # data without a store fingerprint (in-memory arrays) is never memoised
+    mem = InMemoryFeatures(*data.read_all(), num_classes=3, chunk_rows=128)
+    head.fit(mem, key=rk(5))
+    head.fit(mem, key=rk(5))
+    assert len(passes) == 7
+
+
+def test_a_rewritten_store_is_not_served_a_stale_gram(tmp_path, monkeypatch):
+    from pipeline_lib import sweep
+    from pipeline_lib.features import store as fs
+    from pipeline_lib.heads import dp_fc, stats
+
+    monkeypatch.setattr(dp_fc, "GRAMS", stats.StatsMemo())
+    path = _write_store(tmp_path / "train.zarr")
+    cache = sweep.StoreCache(budget_mb=64)
+    head = DPFeatureCovariance(num_steps=2, noise_multiplier=2.0, feature_transform="clip")
+    rows = lambda data: ldp.BoundedRows(  # noqa: E731
+        data, l2_clip_norm=1.0, transform="clip", max_in_memory_bytes=2e9
+    )
+    before = head.augmented_gram(rows(cache.open(path)))
+    fs.shutil.rmtree(path)  # re-extracted at the same path with other contents
+    _write_store(path, shift=3.0)
+    after = head.augmented_gram(rows(cache.open(path)))
+    fresh = head._augmented_gram_pass(rows(FeatureStore(path)))
+    assert dp_fc.GRAMS.computed == 2
+    np.testing.assert_allclose(after, fresh, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(after, before, atol=1e-2)
+    with pytest.raises(ValueError):  # shared between runs: read-only
+        after[0, 0] = 1.0

@@ -467,7 +467,7 @@ def test_outputs_predict_with_argmax_and_no_bias_option():
     "params,match",
     [
         ({"l2_clip_norm": 0}, "l2_clip_norm must be > 0"),
-        ({"feature_transform": "zca"}, "feature_transform 'zca' unknown"),
+        ({"feature_transform": "zca"}, r"feature_transform must be one of .*, got 'zca'"),
         ({"bias_feature": -1.0}, "bias_feature must be >= 0"),
         ({"num_steps": 0}, "num_steps must be an integer >= 1"),
         ({"num_steps": 2.5}, "num_steps must be an integer >= 1"),
@@ -476,7 +476,7 @@ def test_outputs_predict_with_argmax_and_no_bias_option():
         ({"hessian_clip_fraction": 0.0}, r"hessian_clip_fraction must be in \(0, 1\]"),
         ({"shared_first_step": "yes"}, "shared_first_step must be true or false"),
         ({"hessian_noise_ratio": 0.0}, "hessian_noise_ratio must be > 0"),
-        ({"hessian_class_block": 0}, "hessian_class_block must be None or an integer >= 1"),
+        ({"hessian_class_block": 0}, "hessian_class_block must be an integer >= 1 or null"),
         ({"max_hessian_bytes": 0}, "max_hessian_bytes must be > 0"),
         ({"ridge_lambda": -1.0}, "ridge_lambda must be >= 0"),
         ({"l2_penalty": -1.0}, "l2_penalty must be >= 0"),
@@ -500,3 +500,65 @@ def test_uncalibrated_head_refuses_to_fit():
 def test_hyperparameters_exclude_noise():
     hp = DPNewton(noise_multiplier=3.0).hyperparameters()
     assert "noise_multiplier" not in hp and hp["num_steps"] == 3
+
+
+# --- the block upper-triangle Hessians ---------------------------------------------------
+
+
+def _full_product_accumulate(grad, hess, xa, labels, mask, weights, classes, **kw):
+    """The previous kernel: every class's full (d+1) x (d+1) product, no symmetry used."""
+    kw.pop("tile_rows", None)
+    logits = xa @ weights
+    r = dp_newton.clipped_residuals(
+        logits, labels, num_classes=kw["num_classes"], residual_bound=kw["residual_bound"]
+    )
+    a = dp_newton.hessian_weights(logits, hessian_weight_bound=kw["hessian_weight_bound"])
+    r, a = r * mask[:, None], a[:, classes] * mask[:, None]
+    hess = hess + jnp.stack([(xa * a[:, j][:, None]).T @ xa for j in range(len(classes))])
+    return grad + xa.T @ r[:, classes], hess
+
+
+@pytest.mark.parametrize("tile_rows", [4, 5, 13, 256])
+def test_triangular_hessians_equal_the_full_products(monkeypatch, tile_rows):
+    k, d = 4, 12  # d + 1 = 13 augmented: tiles of 4 and 5 leave a ragged last tile
+    data, x, y = _toy(n=300, d=d, k=k, chunk_rows=64)
+    head = DPNewton(bias_feature=0.7, residual_clip_fraction=0.5, hessian_clip_fraction=0.4)
+    w = np.random.default_rng(1).normal(size=(d + 1, k)).astype(np.float32)
+    monkeypatch.setattr(dp_newton, "HESSIAN_TILE_ROWS", tile_rows)
+    g, h = _exact(head, x, y, w, k, chunk_rows=64)
+    # float64 reference: H_k = sum_i a_ik x~_i x~_i^T with the clipped weights of fit
+    xa = np.asarray(
+        dp_newton.augment_rows(
+            jnp.asarray(x, jnp.float32), jnp.ones(len(y)), l2_clip_norm=1.0,
+            transform="normalize", bias_feature=head.bias_value(),
+        ),
+        np.float64,
+    )  # fmt: skip
+    a = np.asarray(
+        dp_newton.hessian_weights(
+            jnp.asarray(xa @ w, jnp.float32), hessian_weight_bound=head.hessian_weight_bound(k)
+        ),
+        np.float64,
+    )
+    ref = np.einsum("nk,ni,nj->kij", a, xa, xa)
+    np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, np.swapaxes(h, 1, 2), rtol=1e-6, atol=1e-6)  # mirrored
+    monkeypatch.setattr(dp_newton, "accumulate_chunk", _full_product_accumulate)
+    g_old, h_old = _exact(head, x, y, w, k, chunk_rows=64)
+    np.testing.assert_allclose(h, h_old, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g, g_old, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_first_step", [True, False])
+def test_triangular_hessians_leave_the_reproducible_fit_unchanged(monkeypatch, shared_first_step):
+    data, _, _ = _toy(n=500, d=10, k=4, chunk_rows=128)
+    head = DPNewton(num_steps=3, bias_feature=0.5, shared_first_step=shared_first_step).calibrate(
+        epsilon=2.0, delta=1e-5
+    )
+    monkeypatch.setattr(dp_newton, "HESSIAN_TILE_ROWS", 4)
+    new = head.fit(data, key=rk(11, "tri"))
+    monkeypatch.setattr(dp_newton, "accumulate_chunk", _full_product_accumulate)
+    old = head.fit(data, key=rk(11, "tri"))
+    for name in ("weights", "bias"):
+        np.testing.assert_allclose(new[name], old[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(new["weights"], 0)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from pipeline_lib import experiments as xp
 from pipeline_lib import reporting
 from pipeline_lib.privacy import noise
 from pipeline_lib.privacy.ledger import compose_ledger
@@ -130,7 +131,8 @@ def test_reports_keep_reproducible_runs_apart(stores, make_config, run_method, t
     assert rows[-1] is repro[0]  # sorted after every DP row
     assert [key[0] for key in reporting.best_per_epsilon(rows)] == ["e"]  # "r" is not DP
 
-    out = reporting.build_report(paths, tmp_path / "rep", "mixed")
+    outputs = {k: tmp_path / "rep" / name for k, name in xp.REPORT_FILES.items()}
+    out = reporting.build_report(paths, outputs, "mixed")
     md = out["md"].read_text()
     assert "What the privacy guarantee covers" in md and "Treated as public" in md
     assert "NOT DP (reproducible noise" in md and "are NOT differentially private" in md

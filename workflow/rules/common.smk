@@ -4,10 +4,10 @@ from pipeline_lib import experiments as xp
 from pipeline_lib.job_resources import rule_resources  # CPUs, memory, runtime, GPUs per rule
 
 # Duplicate keys, unknown keys, wrong types, empty grids: each a ConfigError naming
-# the experiment, the key and the value (schema: workflow/schemas/experiments.schema.yaml).
+# the experiment, the key and the value (schema: pipeline_lib/schemas/experiments.schema.yaml).
 config["experiments"] = xp.load_experiments(config["experiments_file"])
 RUNS = xp.expand_runs(config)  # defaults applied here; cross-key checks (datasets, budgets)
-R = config["results_dir"]
+RP = xp.run_patterns(config)  # path patterns of heads.smk and report.smk (one source)
 
 
 def all_reports(cfg):

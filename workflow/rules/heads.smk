@@ -9,11 +9,11 @@ from pipeline_lib import sweep
 
 rule compute_stats:
     input:
-        train=f"{R}/features/{{dataset}}/{{backbone}}/{{image_size}}px/train.zarr",
+        train=RP["train_store"],
     output:
-        stats=f"{R}/stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}-{{part}}.npz",
+        stats=RP["stats"],
     log:
-        f"{R}/logs/compute_stats/{{dataset}}/{{backbone}}/{{image_size}}px/{{transform}}-C{{clip}}-{{part}}.log",
+        RP["stats_log"],
     params:
         l2_clip_norm=lambda w: float(w.clip),
         transform=lambda w: w.transform,
@@ -38,10 +38,10 @@ rule fit_head:
     input:
         unpack(lambda w: xp.run_inputs(config, run_spec(w))),
     output:
-        metrics=f"{R}/runs/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}/metrics.json",
-        head=f"{R}/runs/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}/head.npz",
+        metrics=RP["metrics"],
+        head=RP["head"],
     log:
-        f"{R}/logs/fit_head/{{experiment}}/{{dataset}}/{{backbone}}/{{image_size}}px/{{method}}/{{budget}}/seed{{seed}}.log",
+        RP["fit_log"],
     params:
         spec=run_spec,
     resources:

@@ -1,5 +1,6 @@
 # Aggregation: per-experiment tables and plots, the cross-experiment index and the
 # privacy ledger. Outputs wrapped in report() go into `snakemake --report report.html`.
+# Paths: RP = xp.run_patterns(config) (common.smk); each builder writes exactly these outputs.
 
 
 rule report_experiment:
@@ -7,43 +8,43 @@ rule report_experiment:
         metrics=lambda w: xp.experiment_metrics(config, w.experiment),
     output:
         csv=report(
-            f"{R}/reports/{{experiment}}/summary.csv",
+            RP["report_csv"],
             caption="../report/summary.rst",
             category="{experiment}",
             subcategory="Tables",
             labels={"experiment": "{experiment}", "table": "summary over seeds"},
         ),
-        md=f"{R}/reports/{{experiment}}/summary.md",
+        md=RP["report_md"],
         runs=report(
-            f"{R}/reports/{{experiment}}/runs.csv",
+            RP["report_runs"],
             caption="../report/runs.rst",
             category="{experiment}",
             subcategory="Tables",
             labels={"experiment": "{experiment}", "table": "every run"},
         ),
         png=report(
-            f"{R}/reports/{{experiment}}/accuracy_vs_epsilon.png",
+            RP["report_png"],
             caption="../report/accuracy_vs_epsilon.rst",
             category="{experiment}",
             subcategory="Accuracy vs epsilon",
             labels={"experiment": "{experiment}", "figure": "accuracy vs epsilon"},
         ),
         per_class=report(
-            f"{R}/reports/{{experiment}}/per_class.csv",
+            RP["report_per_class"],
             caption="../report/per_class.rst",
             category="{experiment}",
             subcategory="Tables",
             labels={"experiment": "{experiment}", "table": "per-class accuracy (best seed)"},
         ),
         confusion=report(
-            f"{R}/reports/{{experiment}}/confusion.png",
+            RP["report_confusion"],
             caption="../report/confusion.rst",
             category="{experiment}",
             subcategory="Confusion matrices",
             labels={"experiment": "{experiment}", "figure": "confusion matrices (best seed)"},
         ),
     log:
-        f"{R}/logs/report_experiment/{{experiment}}.log",
+        RP["report_log"],
     params:
         title=lambda w: config["experiments"][w.experiment].get("description", w.experiment),
     resources:
@@ -61,22 +62,22 @@ rule report_index:
         metrics=xp.all_metrics(config),
         experiment_reports=[xp.report_files(config, e)["png"] for e in config["experiments"]],
     output:
-        index=f"{R}/reports/index.md",
+        index=RP["index_index"],
         ledger_csv=report(
-            f"{R}/reports/ledger.csv",
+            RP["index_ledger_csv"],
             caption="../report/ledger.rst",
             category="Privacy ledger",
             labels={"table": "privacy ledger"},
         ),
-        ledger_md=f"{R}/reports/ledger.md",
+        ledger_md=RP["index_ledger_md"],
         png=report(
-            f"{R}/reports/all_experiments.png",
+            RP["index_png"],
             caption="../report/all_experiments.rst",
             category="All experiments",
             labels={"figure": "accuracy vs epsilon, all experiments"},
         ),
     log:
-        f"{R}/logs/report_index.log",
+        RP["index_log"],
     params:
         descriptions={k: v.get("description", "") for k, v in config["experiments"].items()},
     resources:
