@@ -207,6 +207,13 @@ def classify(
         )
     if bool(images) == (dataset is not None):
         raise ClassifyError("give either images (files or folders) or --dataset, not both")
+    if "sources" in feats:
+        raise ClassifyError(
+            f"{head_path}: this head was trained on the feature combination "
+            f"{feats['backbone']!r} ({len(feats['sources'])} source stores: "
+            f"{', '.join(s['backbone'] + '@' + str(s['image_size']) for s in feats['sources'])}); "
+            "classify cannot compute combined features of new images yet"
+        )
     options = backbone_options(config, feats["backbone"])
     check_backbone(head, options)
     if dataset is not None:
@@ -241,6 +248,13 @@ def classify(
         store = FeatureStore(store_path)
         if store.attrs["checkpoint_sha256"] != feats["checkpoint_sha256"]:  # belt and braces
             raise ClassifyError(f"{head_path}: the checkpoint changed while classifying")
+        if store.attrs.get("tta", "none") != feats.get("tta", "none"):
+            raise ClassifyError(
+                f"backbone {feats['backbone']!r}: the head was trained on features with "
+                f"tta={feats.get('tta', 'none')!r}, but the config's entry gives "
+                f"tta={store.attrs.get('tta', 'none')!r}; set backbones.{feats['backbone']}.tta "
+                "as in training"
+            )
         if store.feature_dim != head.weights.shape[0]:
             raise ClassifyError(
                 f"backbone {feats['backbone']!r} gave {store.feature_dim}-d features; the head "

@@ -405,6 +405,10 @@ def _check_checkpoint(config: dict, backbone: str) -> None:
         resolve_url,
     )
 
+    if (combination := combination_spec(config, backbone)) is not None:
+        for source in combination["sources"]:  # a combination needs its sources' checkpoints
+            _check_checkpoint(config, source["backbone"])
+        return
     spec = (config.get("backbones") or {}).get(backbone)
     where = f"backbones.{backbone}"
     if spec is None or spec.get("model") != "vit":
@@ -940,3 +944,125 @@ def shard_done_paths(
         )
         for k in range(num_shards)
     ]
+
+
+# ----------------------------------------------------------------------------- combinations
+# A backbone entry with ``model: combine`` names a derived store that concatenates the
+# stores of its ``sources`` row by row (pipeline_lib.features.combine). Its stores live at
+# the usual path, features/{dataset}/{name}/{image_size}px/{split}.zarr, where
+# {image_size} is the experiment's: the size of every source that sets no image_size.
+# Rule combine_store builds them; finalize_store never matches a combination's name.
+
+COMBINE_KEYS = ("model", "sources", "source_normalization")
+
+
+def combination_spec(config: dict, backbone: str) -> dict | None:
+    """The entry ``backbones.<backbone>`` if it is a combination (defaults applied), else None.
+
+    Checks every source: a known backbone that is not itself a combination, with an
+    optional integer image_size >= 16, none listed twice.
+    """
+    spec = (config.get("backbones") or {}).get(backbone)
+    if not isinstance(spec, dict) or spec.get("model") != "combine":
+        return None
+    from pipeline_lib.features.combine import SOURCE_NORMALIZATIONS
+
+    where = f"backbones.{backbone}"
+    if extra := sorted(set(spec) - set(COMBINE_KEYS)):
+        raise ConfigError(f"{where}: unknown key(s) {extra} for model 'combine'; allowed: "
+                          f"{list(COMBINE_KEYS)}")  # fmt: skip
+    how = spec.get("source_normalization", "none")
+    if how not in SOURCE_NORMALIZATIONS:
+        raise ConfigError(
+            f"{where}.source_normalization is {how!r}; choose one of {list(SOURCE_NORMALIZATIONS)}"
+        )
+    sources = spec.get("sources")
+    if not isinstance(sources, list) or len(sources) < 2:
+        raise ConfigError(
+            f"{where}.sources must list at least two stores, e.g. [{{backbone: "
+            f"efficientnet_lite0}}, {{backbone: scatternet, image_size: 28}}], got {sources!r}"
+        )
+    known = _known_backbones(config)
+    out = []
+    for i, src in enumerate(sources):
+        at = f"{where}.sources[{i}]"
+        if (
+            not isinstance(src, dict)
+            or "backbone" not in src
+            or set(src) - {"backbone", "image_size"}
+        ):
+            raise ConfigError(
+                f"{at}: {src!r} must be a mapping with 'backbone' and an optional 'image_size'"
+            )
+        name, size = src["backbone"], src.get("image_size")
+        if name not in known:
+            raise ConfigError(f"{at}.backbone {name!r} is unknown; known backbones: {known}")
+        if combination_spec(config, name) is not None:
+            raise ConfigError(f"{at}.backbone {name!r} is itself a combination; list its "
+                              "sources here instead")  # fmt: skip
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16):
+            raise ConfigError(f"{at}.image_size={size!r} must be an integer >= 16")
+        out.append({"backbone": name, "image_size": size})
+    seen = [(s["backbone"], s["image_size"]) for s in out]
+    if len(set(seen)) != len(seen):
+        raise ConfigError(f"{where}.sources lists the same store twice: {seen}")
+    return {"model": "combine", "sources": out, "source_normalization": how}
+
+
+def combined_backbones(config: dict) -> list[str]:
+    """The names of the combinations declared under ``backbones``."""
+    return sorted(b for b in (config.get("backbones") or {}) if combination_spec(config, b))
+
+
+def combination_sources(config: dict, backbone: str, image_size: int | str) -> list[dict]:
+    """[{backbone, image_size}] of the sources of combination ``backbone`` at ``image_size``."""
+    spec = combination_spec(config, backbone)
+    if spec is None:
+        raise ConfigError(f"backbone {backbone!r} is not a combination (model: combine)")
+    return [
+        {"backbone": s["backbone"], "image_size": int(s["image_size"] or image_size)}
+        for s in spec["sources"]
+    ]
+
+
+def combination_source_paths(
+    config: dict, dataset: str, backbone: str, image_size: int | str, split: str
+) -> list[str]:
+    """The source stores of one combined store, in concatenation order."""
+    return [
+        feature_path(config["results_dir"], dataset, s["backbone"], s["image_size"], split)
+        for s in combination_sources(config, backbone, image_size)
+    ]
+
+
+def combination_settings(config: dict, dataset: str, backbone: str, image_size) -> dict:
+    """Everything a combined store's bytes depend on (rule params): the sources with their
+    own store settings, the normalisation and chunk_rows."""
+    spec = combination_spec(config, backbone)
+    return canonical(
+        {
+            "sources": [
+                dict(s, settings=extraction_store_settings(config, dataset, s["backbone"]))
+                for s in combination_sources(config, backbone, image_size)
+            ],
+            "source_normalization": spec["source_normalization"],
+            "chunk_rows": extraction_options(config)["chunk_rows"],
+        }
+    )
+
+
+def backbone_wildcard(config: dict, *, combined: bool) -> str:
+    """Regex for the {backbone} wildcard of rule combine_store (``combined``) or of the
+    extraction rules (not ``combined``): the two never claim the same store."""
+    names = "|".join(re.escape(b) for b in combined_backbones(config))
+    if combined:
+        return f"(?:{names})" if names else "(?!)"  # (?!) matches nothing
+    # the name is followed by '/' in a path (and by the end in a bare name)
+    return f"(?!(?:{names})(?:/|$))[^/]+" if names else "[^/]+"
+
+
+def combine_patterns(config: dict) -> dict[str, str]:
+    """Path patterns of rule combine_store (the store pattern is extraction's)."""
+    logs = Path(config["results_dir"], "logs", "combine", "{dataset}", "{backbone}",
+                "{image_size}px")  # fmt: skip
+    return {"store": extraction_patterns(config)["store"], "log": str(Path(logs, "{split}.log"))}

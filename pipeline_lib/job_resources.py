@@ -51,6 +51,8 @@ RULE_REQUESTS: dict[str, JobRequest] = {
     "extract_shard": JobRequest(cpus=8, mem_mb=32000, runtime=240, gpus=1),
     # checks every shard's done markers and publishes the store; no GPU
     "finalize_store": JobRequest(cpus=1, mem_mb=4000, runtime=30),
+    # concatenates source stores chunk by chunk (a few chunks in memory); no GPU
+    "combine_store": JobRequest(cpus=1, mem_mb=4000, runtime=60),
     # streams X^T X and per-class sums: O(d^2 + d*K) plus a few chunks in flight
     "compute_stats": JobRequest(cpus=4, mem_mb=16000, runtime=120),
     # one (experiment, method, budget, seed) run; DP-SGD on ImageNet-size features is slowest

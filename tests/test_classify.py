@@ -220,6 +220,26 @@ def test_a_different_checkpoint_is_refused(released, tmp_path):
         classify(other, out=tmp_path / "p.csv", dataset="fm_tiny", config=CONFIG)
 
 
+def test_tta_must_match_and_combinations_are_refused(released, tmp_path):
+    _, head_path, _ = released
+    with np.load(head_path) as z:
+        weights, bias, metadata = z["weights"], z["bias"], json.loads(str(z["metadata"]))
+    other = tmp_path / "head.npz"
+    params = {"weights": weights, "bias": bias}
+    metadata["features"]["tta"] = "flip"  # trained with TTA; the config's entry has none
+    write_run_outputs(other, tmp_path / "metrics.json", params, metadata)
+    with pytest.raises(ClassifyError, match="tta='flip', but the config's entry gives"):
+        classify(other, out=tmp_path / "p.csv", dataset="fm_tiny", config=CONFIG)
+    metadata["features"]["sources"] = [
+        {"backbone": "efficientnet_lite0", "image_size": 32},
+        {"backbone": "scatternet", "image_size": 28},
+    ]
+    write_run_outputs(other, tmp_path / "metrics.json", params, metadata)
+    with pytest.raises(ClassifyError, match="efficientnet_lite0@32, scatternet@28"):
+        classify(other, out=tmp_path / "p.csv", dataset="fm_tiny", config=CONFIG)
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_command_line_errors_are_for_people(released, tmp_path):
     _, head_path, _ = released
     proc = subprocess.run(

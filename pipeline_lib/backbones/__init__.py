@@ -47,6 +47,7 @@ __all__ = [
     "CheckpointMismatchError",
     "MissingWeightsError",
     "Preprocessing",
+    "TTA_MODES",
     "checkpoint_path",
     "default_chunk_pixels",
     "default_depthwise_impl",
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Test-time augmentations that extraction can average over (config key backbones.<name>.tta).
+TTA_MODES = ("none", "flip")
 
 
 class MissingWeightsError(ImportError):
@@ -72,6 +75,10 @@ class Backbone:
     output: (B, H, W, 3), or (B, H, W) grayscale for ScatterNet) to
     ``{'pre_logits': (B, feature_dim), ...}`` in float32, with the ImageNet ``'logits'``
     (B, num_classes) for pre-trained backbones.
+
+    ``tta`` is the test-time augmentation that extraction averages over (``TTA_MODES``):
+    "none", or "flip", the mean of the features of the image and of its horizontal
+    mirror image (``pipeline_lib.features.extract.make_feature_fn``).
     """
 
     name: str
@@ -84,6 +91,7 @@ class Backbone:
     _load_fn: Callable[[int | None], tuple[dict, str]] = dataclasses.field(
         repr=False, compare=False
     )
+    tta: str = "none"
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """float32 RGB NHWC in [0, 255] -> model input. Does not resize."""
@@ -203,7 +211,8 @@ def get_backbone(
       spec: None for a built-in backbone, or a mapping with ``model`` ("vit" or
         "efficientnet_lite"), ``variant`` ("B/16"; "lite0"), and for ViT ``checkpoint``
         (local path or file/http(s)/gs URL), optional ``sha256``, ``allow_network``
-        (default false) and ``image_size`` (native resolution, default 224).
+        (default false) and ``image_size`` (native resolution, default 224); any model
+        may add ``tta`` (one of ``TTA_MODES``, default "none").
       cache_dir: where downloaded checkpoints are cached (None: ``DEFAULT_CACHE_DIR``).
 
     On CPU, EfficientNet-Lite runs large batches as a sequence of sub-batches
@@ -286,9 +295,9 @@ def _scatternet_backbone(*, dtype: str, depthwise_impl: str | None) -> Backbone:
 _SPEC_KEYS = {
     "vit": (
         {"model", "variant", "checkpoint"},
-        {"sha256", "allow_network", "image_size", "family", "pool_type", "preprocessing"},
+        {"sha256", "allow_network", "image_size", "family", "pool_type", "preprocessing", "tta"},
     ),
-    "efficientnet_lite": ({"model", "variant"}, set()),
+    "efficientnet_lite": ({"model", "variant"}, {"tta"}),
 }
 
 
@@ -312,18 +321,23 @@ def _backbone_from_spec(
             f"{where}: unknown key(s) {extra} for model {model!r}; "
             f"allowed: {sorted(required | optional)}"
         )
+    tta = spec.get("tta", "none")
+    if tta not in TTA_MODES:
+        raise ValueError(f"{where}.tta is {tta!r}; choose one of {list(TTA_MODES)}")
     if model == "efficientnet_lite":
         builtin = f"efficientnet_{spec['variant']}"
         if builtin not in _EFFICIENTNET_LITE:
             raise ValueError(
                 f"{where}.variant is {spec['variant']!r}; choose one of lite0, lite1, lite2"
             )
-        return _efficientnet_lite_backbone(
+        backbone = _efficientnet_lite_backbone(
             name, builtin, dtype=dtype, depthwise_impl=depthwise_impl
         )
-    if depthwise_impl is not None:
-        raise ValueError(f"{where}: depthwise_impl applies to EfficientNet-Lite only")
-    return _vit_backbone(name, spec, dtype=dtype, cache_dir=cache_dir)
+    else:
+        if depthwise_impl is not None:
+            raise ValueError(f"{where}: depthwise_impl applies to EfficientNet-Lite only")
+        backbone = _vit_backbone(name, spec, dtype=dtype, cache_dir=cache_dir)
+    return dataclasses.replace(backbone, tta=tta)
 
 
 def _vit_family(where: str, spec: Mapping, path: str) -> str:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pipeline_lib
-from pipeline_lib.backbones import Backbone, get_backbone, matmul_precision
+from pipeline_lib.backbones import TTA_MODES, Backbone, get_backbone, matmul_precision
 from pipeline_lib.backbones.preprocessing import PRESETS, Preprocessing
 from pipeline_lib.features import devices as dev
 from pipeline_lib.features import pipeline as pipe
@@ -138,18 +138,38 @@ def make_feature_fn(
 ) -> Callable[[Any, jax.Array], jax.Array]:
     """``fn(variables, images uint8) -> float32 (B, feature_dim)`` pre-logit features (not jitted).
 
+    With ``backbone.tta == "flip"`` each row is the mean of the features of the image and
+    of its horizontal flip (test-time augmentation averaging). It is still one vector per
+    example, computed from that example alone, so the privacy analysis of every head
+    (the sensitivity of its statistics to adding or removing one example, whose feature
+    vector is clipped or normalised by the head) is unchanged; only the bytes change,
+    which is why ``tta`` is part of the store's attributes and settings.
+
     With ``resize_on_device=False`` the images are already (B, S, S, 3) (resized on
     the host by the input pipeline) and are only converted to float.
     """
     module = backbone.module if module is None else module
+
+    if backbone.tta not in TTA_MODES:
+        raise ValueError(
+            f"backbone {backbone.name!r}: tta={backbone.tta!r}; use one of {TTA_MODES}"
+        )
 
     def features(variables, images):
         if resize_on_device:
             x = to_model_input(images, image_size, backbone.image_preprocessing)
         else:
             x = images.astype(jnp.float32)
-        out = module.apply(variables, backbone.preprocess(x))
-        return out["pre_logits"].astype(jnp.float32)
+        x = backbone.preprocess(x)
+        if backbone.tta == "none":
+            return module.apply(variables, x)["pre_logits"].astype(jnp.float32)
+        # "flip": one forward pass over the batch and its mirror images (axis 2 is the
+        # width of both NHWC and NHW inputs); row i of the result is the mean of the two
+        # features of image i, so it depends on image i alone.
+        b = x.shape[0]
+        both = module.apply(variables, jnp.concatenate([x, jnp.flip(x, axis=2)]))
+        f = both["pre_logits"].astype(jnp.float32)
+        return 0.5 * (f[:b] + f[b:])
 
     return features
 
@@ -163,10 +183,13 @@ def _loop_free(module):
 
 def _preprocessing(backbone: Backbone, image_size: int, host_resize: bool) -> str:
     where = "on the host" if host_resize else "on the device"
-    return (
+    text = (
         f"resize {where} to {image_size}px ({backbone.image_preprocessing.describe()}), "
         f"gray->RGB, {backbone.preprocessing}"
     )
+    if backbone.tta == "flip":
+        text += "; features: mean over the image and its horizontal flip (tta: flip)"
+    return text
 
 
 def store_attrs(
@@ -190,6 +213,8 @@ def store_attrs(
         # label i is class_names[i]; released heads carry them (null when the source has none)
         "class_names": _class_names(source),
         "code_version": pipeline_lib.__version__,
+        # only when used, so that stores made without TTA keep their attributes
+        **({"tta": backbone.tta} if backbone.tta != "none" else {}),
     }
 
 

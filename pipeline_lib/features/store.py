@@ -777,6 +777,14 @@ class FeatureStore:
             )
         return feats, labels
 
+    def read_labels(self) -> np.ndarray:
+        """int32 (N,) labels of every row, each label chunk verified; no feature is read."""
+        parts = []
+        for c in range(self.num_chunks):
+            rows = chunk_bounds(c, self.num_examples, self.chunk_rows)
+            parts.append(self._read_piece(c, "labels", rows))
+        return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (features float32 (n_i, d), labels int32 (n_i,)) chunk by chunk, in order.
 

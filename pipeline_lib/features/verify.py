@@ -132,6 +132,10 @@ def _reextract(path: Path, manifest: dict, chunks: list[int], source, backbone_o
     from pipeline_lib.features import extract
 
     recipe = manifest.get("recipe") or {}
+    if "combine" in recipe:  # a combined store: recompute its chunks from its sources
+        from pipeline_lib.features.combine import repair_chunks
+
+        return repair_chunks(path, manifest, chunks)
     attrs = json.loads(manifest["metadata_text"]["zarr.json"])["attributes"]
     if source is None:
         if not recipe:

@@ -95,7 +95,7 @@ class ReleasedHead:
 # Store attributes that decide how features of new images must be computed.
 FEATURE_KEYS = ("backbone", "checkpoint_sha256", "image_size", "preprocessing",
                 "compute_dtype", "batch_size", "chunk_rows", "feature_dim", "dataset",
-                "source")  # fmt: skip
+                "source", "tta", "sources", "source_normalization")  # fmt: skip
 
 
 def feature_provenance(train_store) -> dict:

@@ -233,3 +233,66 @@ def _assert_same(a: Path, b: Path) -> None:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_combination_rule_builds_a_verified_store_that_heads_read(tmp_path):
+    """A combination of Lite0 and Lite0 with flip TTA, through the rules, into a head run."""
+    import json
+
+    import numpy as np
+
+    work = _workdir(tmp_path, train=200, test=100)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["backbones"] = {
+        "lite0_flip": {"model": "efficientnet_lite", "variant": "lite0", "tta": "flip"},
+        "both": {
+            "model": "combine",
+            "sources": [{"backbone": "efficientnet_lite0"}, {"backbone": "lite0_flip"}],
+            "source_normalization": "l2",
+        },
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    exps = yaml.safe_load((work / "experiments.yaml").read_text())
+    exps["experiments"]["tiny"]["backbone"] = "both"
+    exps["experiments"]["tiny"]["baselines"] = {
+        "nonprivate_logistic": {"l2_clip_norm": 1.0, "feature_transform": "normalize"}
+    }
+    (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
+    counts = _job_counts(snakemake(work, "-n"))
+    assert counts["combine_store"] == 2  # train and test
+    assert counts["init_store"] == counts["finalize_store"] == 4  # 2 sources x 2 splits
+
+    run = "results/runs/tiny/fmnist/both/32px/nonprivate_logistic/nonprivate/seed0"
+    snakemake(work, f"{run}/metrics.json")
+    feats = "results/features/fmnist/{}/32px/train.zarr"
+    combined = fs.FeatureStore(work / feats.format("both"))
+    parts = [fs.FeatureStore(work / feats.format(b)) for b in ("efficientnet_lite0", "lite0_flip")]
+    x = combined.read_all()[0]
+    for k, part in enumerate(parts):
+        y = part.read_all()[0]
+        np.testing.assert_allclose(
+            x[:, 1280 * k : 1280 * (k + 1)], y / np.linalg.norm(y, axis=1, keepdims=True),
+            rtol=1e-6,
+        )  # fmt: skip
+    assert parts[1].attrs["tta"] == "flip"
+    metrics = json.loads((work / run / "metrics.json").read_text())
+    provenance = metrics["features"]
+    assert provenance["backbone"] == "both" and provenance["source_normalization"] == "l2"
+    assert [s["backbone"] for s in provenance["sources"]] == ["efficientnet_lite0", "lite0_flip"]
+    assert provenance["sources"][1]["tta"] == "flip"
+    assert not fs.work_dir(work / feats.format("both")).exists()
+    assert "Nothing to be done" in snakemake(work, "-n", f"{run}/metrics.json")
+
+
+def test_lite1_and_lite2_at_their_native_sizes_are_planned(tmp_path):
+    """Built-in Lite1@240 and Lite2@260 need no config entry; their stores are planned."""
+    work = _workdir(tmp_path, train=64, test=64)
+    exps = yaml.safe_load((work / "experiments.yaml").read_text())
+    tiny = exps["experiments"].pop("tiny")
+    for name, size in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        exps["experiments"][name] = dict(tiny, backbone=name, image_size=size)
+    (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
+    out = snakemake(work, "-n")
+    assert _job_counts(out)["extract_shard"] == 4  # 2 backbones x 2 splits
+    for store in ("efficientnet_lite1/240px/train.zarr", "efficientnet_lite2/260px/test.zarr"):
+        assert f"results/features/fmnist/{store}" in out

@@ -54,6 +54,8 @@ rule extract_shard:
 
 
 rule finalize_store:
+    wildcard_constraints:
+        backbone=xp.backbone_wildcard(config, combined=False),
     input:
         shards=lambda w: xp.shard_done_paths(
             config, w.dataset, w.backbone, w.image_size, w.split
@@ -73,3 +75,33 @@ rule finalize_store:
         "../../environment.yml"
     script:
         "../scripts/extract_finalize.py"
+
+
+# Feature combinations (backbones.<name>.model: combine): a derived store whose rows
+# concatenate the rows of its source stores, written and verified like an extracted one.
+# Resumable: finished chunks have done markers in <store>.inprogress/, which a rerun keeps.
+CP = xp.combine_patterns(config)
+
+
+rule combine_store:
+    wildcard_constraints:
+        backbone=xp.backbone_wildcard(config, combined=True),
+    input:
+        sources=lambda w: xp.combination_source_paths(
+            config, w.dataset, w.backbone, w.image_size, w.split
+        ),
+    output:
+        store=directory(CP["store"]),
+    log:
+        CP["log"],
+    params:
+        settings=lambda w: xp.combination_settings(config, w.dataset, w.backbone, w.image_size),
+    threads: 1
+    resources:
+        **rule_resources("combine_store"),
+    message:
+        "Combining the stores of {wildcards.backbone} for {wildcards.dataset}/{wildcards.split}"
+    conda:
+        "../../environment.yml"
+    script:
+        "../scripts/combine_store.py"
