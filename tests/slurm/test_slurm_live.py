@@ -237,7 +237,10 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
             assert "gpu" not in job.get("TresPerJob", ""), (rule, job)
     print("resources per rule (NumCPUs, MinMemoryNode, TresPerJob):", seen)
     assert per_rule == {r: n for r, n in counts.items() if r not in ("all", "total")}
-    assert set(per_rule) == set(RULE_REQUESTS), "every rule must have run through SLURM"
+    # The tiny workflow has no feature combination, so combine_store does not run here;
+    # its request is the same JobRequest machinery checked for every other rule.
+    not_in_tiny = {"combine_store"}
+    assert set(per_rule) == set(RULE_REQUESTS) - not_in_tiny, "every rule must run through SLURM"
     assert any(RULE_REQUESTS[r].gpus for r in per_rule), "no GPU job ran"
 
     report = work / "results" / "reports" / "tiny"
