@@ -1,11 +1,74 @@
-"""Fixtures shared across test folders."""
+"""Fixtures shared across test folders: the fault injector, the tiny workflow (run once per
+session), the xdist groups, and a compilation cache that JAX shares across the session."""
 
+import importlib.util
+import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.snakemake_cmd import FMNIST, copy_workflow, run_snakemake, tiny_config
+
 FAULTS = ("delete", "truncate", "flip", "swap")
+
+# --- one XLA compilation cache for the whole session --------------------------------------
+# Many tests build the same jitted functions anew (every extraction jits its forward pass,
+# every snakemake job is a fresh process), and identical programs compile to identical
+# executables. JAX's persistent cache, keyed on the program and the compile options, lets the
+# second build load the first one's executable instead of compiling again. The variables are
+# inherited by xdist workers and by every subprocess (snakemake and its jobs). A directory set
+# by the caller (JAX_COMPILATION_CACHE_DIR) is used as it is, and kept: reruns then start warm.
+_CACHE_VARS = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+if importlib.util.find_spec("filelock") is not None:  # a size limit turns on JAX's file lock,
+    _CACHE_VARS["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**31)  # safe for concurrent processes
+
+
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist controller, or a plain run
+        cache = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        config._jax_cache_made = cache  # removed at the end of the session
+    for name, value in _CACHE_VARS.items():
+        os.environ.setdefault(name, value)
+    if "jax" in sys.modules:  # too late for the environment: tell the imported JAX directly
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jax_cache_made", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+# --- xdist groups (pytest -n 2 --dist loadgroup) -------------------------------------------
+# Tests that share an expensive module or session fixture run on one worker, so that it is
+# built once: every module is its own group, except that all users of the tiny workflow are
+# one group across files, and the live SLURM tests another (never two clusters at once).
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if "tiny_workflow" in item.fixturenames:
+            group = "tiny_workflow"
+        elif "slurm_cluster" in item.fixturenames:
+            group = "slurm_live"
+        else:
+            group = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# --- the fault injector of the fault-injection tables (tests/features, tests/) --------------
 
 
 def _inject(fault: str, target: Path, other: Path | None) -> None:
@@ -30,3 +93,38 @@ def _inject(fault: str, target: Path, other: Path | None) -> None:
 def inject_fault():
     """The fault injector of the fault-injection tables (tests/features, tests/)."""
     return _inject
+
+
+# --- the tiny workflow, run once per session -----------------------------------------------
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory):
+    """The tiny workflow (tests/workflow/config.yaml and experiments.yaml: a few hundred
+    Fashion-MNIST images, every rule), run once per session by snakemake; its output is in
+    snakemake.out. Shared and read only: a test that writes there takes
+    `tiny_workflow_copy` instead, and the session fails if anything under results/ changed."""
+    if not FMNIST.exists():
+        pytest.skip("needs apt-get install dataset-fashion-mnist")
+    work = tiny_config(tmp_path_factory.mktemp("tiny_workflow"))
+    proc = run_snakemake(work)
+    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
+    before = _tree_state(work / "results")
+    yield work
+    after = _tree_state(work / "results")
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared tiny workflow's results: {changed}"
+
+
+@pytest.fixture
+def tiny_workflow_copy(tiny_workflow, tmp_path):
+    """A private copy of the finished tiny workflow, for tests that change it."""
+    return copy_workflow(tiny_workflow, tmp_path / "tiny_workflow")
