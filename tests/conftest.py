@@ -48,24 +48,50 @@ def pytest_unconfigure(config):
         shutil.rmtree(cache, ignore_errors=True)
 
 
-# --- xdist groups (pytest -n 2 --dist loadgroup) -------------------------------------------
-# Tests that share an expensive module or session fixture run on one worker, so that it is
-# built once: every module is its own group, except that all users of the tiny workflow are
-# one group across files, and the live SLURM tests another (never two clusters at once).
+# --- how the tests are spread over xdist workers (pytest -n 2 --dist loadgroup) ------------
+# One work unit per test file, so that a module-scoped fixture is built once, except that the
+# files in SHARED_FIXTURE_FILES form one unit: their tests share a session fixture (the tiny
+# workflow), which would otherwise run once per worker. xdist's own `xdist_group` marks do not
+# work with pytest 9.2 (xdist renames `item._nodeid`, which pytest 9.2 no longer reads), hence
+# this scheduler. The longest units start first: the live SLURM test (mostly waiting on the
+# cluster, so the other worker keeps busy meanwhile), then the tiny workflow.
+SHARED_FIXTURE_FILES = {
+    "tests/workflow/test_workflow.py": "tiny_workflow",
+    "tests/features/test_rules.py": "tiny_workflow",
+}
+FIRST = ("tests/slurm/test_slurm_live.py", "tiny_workflow")  # work units, longest first
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def _work_unit(nodeid: str) -> str:
+    path = nodeid.split("::")[0]
+    return SHARED_FIXTURE_FILES.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order set below
+    return FileUnits(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        if "tiny_workflow" in item.fixturenames:
-            group = "tiny_workflow"
-        elif "slurm_cluster" in item.fixturenames:
-            group = "slurm_live"
-        else:
-            group = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+        path = item.nodeid.split("::")[0]
+        if "tiny_workflow" in item.fixturenames and path not in SHARED_FIXTURE_FILES:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the tiny_workflow fixture: add {path} to "
+                "SHARED_FIXTURE_FILES in tests/conftest.py, so that it runs on the same "
+                "xdist worker as the fixture's other users"
+            )
+    rank = {path: i for i, path in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(_work_unit(item.nodeid), len(FIRST)))  # stable
 
 
 # --- the fault injector of the fault-injection tables (tests/features, tests/) --------------
