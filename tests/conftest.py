@@ -1,5 +1,5 @@
 """Fixtures shared across test folders: the fault injector, the tiny workflow (run once per
-session), the xdist groups, and a compilation cache that JAX shares across the session."""
+session), how tests are spread over xdist workers, and one JAX compilation cache."""
 
 import importlib.util
 import os
@@ -21,12 +21,12 @@ FAULTS = ("delete", "truncate", "flip", "swap")
 # second build load the first one's executable instead of compiling again. The variables are
 # inherited by xdist workers and by every subprocess (snakemake and its jobs). A directory set
 # by the caller (JAX_COMPILATION_CACHE_DIR) is used as it is, and kept: reruns then start warm.
-_CACHE_VARS = {
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.1",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
-}
-if importlib.util.find_spec("filelock") is not None:  # a size limit turns on JAX's file lock,
-    _CACHE_VARS["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**31)  # safe for concurrent processes
+# Only programs that took JAX's default 1 s to compile are stored (the backbones' forward
+# passes); a size limit turns on JAX's file lock, which makes the cache safe for concurrent
+# processes (xdist workers, two snakemake jobs).
+_CACHE_VARS = {}
+if importlib.util.find_spec("filelock") is not None:
+    _CACHE_VARS["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2**31)
 
 
 def pytest_configure(config):
