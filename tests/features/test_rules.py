@@ -1,4 +1,8 @@
-"""The extraction rules: init_store -> S x extract_shard -> finalize_store, through Snakemake."""
+"""The extraction rules: init_store -> S x extract_shard -> finalize_store, through Snakemake.
+
+The stores of the shared tiny workflow (tests/conftest.py `tiny_workflow`, 2 shards per
+store) are checked against the library's; the tests that change a workflow work on their own.
+"""
 
 import os
 import shutil
@@ -13,13 +17,20 @@ import yaml
 
 from pipeline_lib import experiments as xp
 from pipeline_lib.features import store as fs
+from tests.snakemake_cmd import (
+    FMNIST,
+    job_counts,
+    run_snakemake,
+    snakemake_cmd,
+    snakemake_env,
+    tiny_config,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FMNIST.exists(), reason="needs apt-get install dataset-fashion-mnist"),
 ]
+TINY = "results/features/fashion_mnist_tiny/efficientnet_lite0/32px/{split}.zarr"
 STORE = "results/features/fmnist/efficientnet_lite0/32px/{split}.zarr"
 
 
@@ -58,103 +69,81 @@ def _workdir(tmp_path: Path, *, train: int, test: int, **extraction) -> Path:
     return work
 
 
-def _cmd(work: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "--cores",
-        "2",
-        "--rerun-incomplete",
-        *args,
-    ]
-
-
-def _env() -> dict:
-    path = os.environ.get("PYTHONPATH")
-    return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""))
-
-
 def snakemake(work: Path, *args: str) -> str:
-    proc = subprocess.run(
-        _cmd(work, *args), capture_output=True, text=True, timeout=900, env=_env()
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    return out
-
-
-def _job_counts(dry_run_output: str) -> dict[str, int]:
-    table = dry_run_output.split("Job stats:")[1].split("\n\n")[0]
-    counts = {}
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-    return counts
+    proc = run_snakemake(work, "--rerun-incomplete", *args, timeout=900)
+    return proc.stdout + proc.stderr
 
 
 def test_dry_run_plans_one_job_per_shard(tmp_path):
-    work = _workdir(tmp_path, train=300, test=100, shards=3, shards_per_dataset={"other": 7})
-    counts = _job_counts(snakemake(work, "-n"))
+    work = tiny_config(tmp_path)
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg["extraction"].update(shards=3, shards_per_dataset={"other": 7})
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    counts = job_counts(snakemake(work, "-n"))
     assert counts["init_store"] == 2 and counts["finalize_store"] == 2
     assert counts["extract_shard"] == 2 * 3  # 3 per store, train and test
-    cfg = yaml.safe_load((work / "config.yaml").read_text())
-    cfg["extraction"]["shards_per_dataset"] = {"fmnist": 5}
+    cfg["extraction"]["shards_per_dataset"] = {"fashion_mnist_tiny": 5}
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
-    assert _job_counts(snakemake(work, "-n"))["extract_shard"] == 2 * 5
+    assert job_counts(snakemake(work, "-n"))["extract_shard"] == 2 * 5
 
 
-def _library_store(path: Path, n: int, split: str = "train") -> Path:
+def _library_store(path: Path, n: int, split: str = "train", *, key="fmnist", spec=None, **kw):
     from pipeline_lib.data import open_dataset
     from pipeline_lib.features.extract import extract_to_store
 
     # the same dataset entry the rules see, so the store attributes (dataset key) agree
-    spec = {"source": "fashion_mnist", "data_dir": str(FMNIST), f"max_{split}_examples": n}
-    data = open_dataset("fmnist", spec, split)
+    spec = spec or {"source": "fashion_mnist", "data_dir": str(FMNIST), f"max_{split}_examples": n}
+    data = open_dataset(key, spec, split)
+    assert data.num_examples == n
     extract_to_store(
         data,
         backbone_name="efficientnet_lite0",
         out_path=path,
         image_size=32,
-        batch_size=32,
-        chunk_rows=64,
         progress=False,
+        **{"batch_size": 32, "chunk_rows": 64, **kw},
     )
     return path
 
 
-def test_rules_build_the_library_store(tmp_path, assert_same_store):
-    work = _workdir(tmp_path, train=300, test=100, shards=3)
-    target = STORE.format(split="train")
-    snakemake(work, target)
-    store = work / target
-    assert_same_store(store, _library_store(tmp_path / "lib" / "train.zarr", 300))
+def test_rules_build_the_library_store(tiny_workflow, tmp_path, assert_same_store):
+    """The tiny workflow's test store, made by init_store + 2 extract_shard + finalize_store,
+    is byte for byte the store that the library makes in one call."""
+    cfg = yaml.safe_load((tiny_workflow / "config.yaml").read_text())
+    ext = cfg["extraction"]
+    assert ext["shards"] == 2 and ext["chunk_rows"] == 128  # 300 test rows: 3 chunks
+    target = TINY.format(split="test")
+    store = tiny_workflow / target
+    library = _library_store(
+        tmp_path / "lib" / "test.zarr",
+        300,
+        "test",
+        key="fashion_mnist_tiny",
+        spec=cfg["datasets"]["fashion_mnist_tiny"],
+        batch_size=ext["batch_size"],
+        chunk_rows=ext["chunk_rows"],
+        dtype=ext["dtype"],
+    )
+    assert_same_store(store, library)
     assert not fs.work_dir(store).exists()  # job files went with the work dir
     stats = fs.FeatureStore(store).attrs["extraction_stats"]
-    assert stats["num_shards"] == 3 and stats["images_extracted"] == 300
-    assert [s["chunk_range"] for s in stats["shards"]] == [[0, 1], [1, 3], [3, 5]]
-    logs = work / "results/logs/extract/fmnist/efficientnet_lite0/32px"
-    assert "img/s" in (logs / "train-shard-2-of-3.log").read_text()
-    assert "Nothing to be done" in snakemake(work, "-n", target)
+    assert stats["num_shards"] == 2 and stats["images_extracted"] == 300
+    assert [s["chunk_range"] for s in stats["shards"]] == [[0, 1], [1, 3]]
+    logs = tiny_workflow / "results/logs/extract/fashion_mnist_tiny/efficientnet_lite0/32px"
+    assert "img/s" in (logs / "test-shard-1-of-2.log").read_text()
+    assert "Nothing to be done" in snakemake(tiny_workflow, "-n", target)
 
 
 def test_killed_shard_job_resumes_under_snakemake(tmp_path, assert_same_store):
-    n = 3000
+    n = 1024  # 16 chunks of 64 rows: killed after 3, the rest still to do
     work = _workdir(tmp_path, train=n, test=100, shards=1)
     target = STORE.format(split="train")
     store = work / target
     proc = subprocess.Popen(
-        _cmd(work, target),
+        snakemake_cmd(work, "--rerun-incomplete", target),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=_env(),
+        env=snakemake_env(),
         start_new_session=True,  # its own process group: snakemake and its job
     )
     done = fs.work_dir(store) / "done"
@@ -198,34 +187,52 @@ def test_patterns_and_paths_agree():
     ) == {"spec": {"checkpoint": "x.npz"}, "cache_dir": "/c"}
 
 
-def test_damaged_chunk_stops_the_workflow_and_repair_reruns_only_what_failed(tmp_path):
-    """The issue's report: a deleted chunk file gave a 100% done run with zeros for rows."""
-    work = _workdir(tmp_path, train=300, test=100, shards=1)
-    train = work / STORE.format(split="train")
-    snakemake(work, str(train.relative_to(work)), STORE.format(split="test"))
+def test_damaged_chunk_stops_the_workflow_and_repair_reruns_only_what_failed(
+    tiny_workflow_copy, tmp_path
+):
+    """The issue's report: a deleted chunk file gave a 100% done run with zeros for rows.
+
+    On a copy of the finished tiny workflow, a new experiment needs new statistics from the
+    train store (600 rows, chunks of 128), one of whose chunk files is gone."""
+    work = tiny_workflow_copy
+    train = work / TINY.format(split="train")
     clean = tmp_path / "clean.zarr"
     shutil.copytree(train, clean)
     (train / "features/c/2/0").unlink()
+    exps = yaml.safe_load((work / "experiments.yaml").read_text())
+    damaged = dict(exps["experiments"]["tiny"], epsilons=[1], seeds=[0])
+    damaged["methods"] = {"dp_ls": {"l2_clip_norm": 2.0}}  # statistics the run has not made
+    damaged.pop("baselines")
+    (work / "experiments.yaml").write_text(yaml.safe_dump({"experiments": {"damaged": damaged}}))
+    before = {p for p in (work / "results").rglob("*") if p.is_file()}
 
-    proc = subprocess.run(_cmd(work), capture_output=True, text=True, timeout=900, env=_env())
+    proc = subprocess.run(
+        snakemake_cmd(work, "--rerun-incomplete"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=snakemake_env(),
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    log = next((work / "results/logs/compute_stats").rglob("*.log")).read_text()
-    assert "chunk 2 (rows 128-191)" in log and "features/c/2/0: missing" in log
-    repair = f"python -m pipeline_lib.features.verify --repair {STORE.format(split='train')}"
-    assert repair in log, log[-2000:]
-    assert not list((work / "results").rglob("*.npz"))  # no statistics, no head
-    assert not list((work / "results").rglob("metrics.json"))
+    new = {p for p in (work / "results").rglob("*") if p.is_file()} - before
+    (log,) = [p for p in new if "compute_stats" in p.parts and p.suffix == ".log"]
+    text = log.read_text()
+    assert "chunk 2 (rows 256-383)" in text and "features/c/2/0: missing" in text
+    repair = f"python -m pipeline_lib.features.verify --repair {TINY.format(split='train')}"
+    assert repair in text, text[-2000:]
+    assert not [p for p in new if p.suffix == ".npz"]  # no statistics, no head
+    assert not (work / "results" / "runs" / "damaged").exists()
 
     cli = [sys.executable, "-m", "pipeline_lib.features.verify", "--repair", str(train)]
-    fixed = subprocess.run(cli, capture_output=True, text=True, timeout=600, env=_env())
+    fixed = subprocess.run(cli, capture_output=True, text=True, timeout=600, env=snakemake_env())
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert "repaired chunks 2 (rows 128-191)" in fixed.stdout
-    plan = _job_counts(snakemake(work, "-n"))
+    assert "repaired chunks 2 (rows 256-383)" in fixed.stdout
+    plan = job_counts(snakemake(work, "-n"))
     assert not {"init_store", "extract_shard", "finalize_store"} & set(plan), plan
     assert plan["compute_stats"] == 1 and plan["fit_head"] == 1, out[-2000:]
     snakemake(work)
-    assert list((work / "results").rglob("metrics.json"))
+    assert list((work / "results" / "runs" / "damaged").rglob("metrics.json"))
     _assert_same(train, clean)
 
 

@@ -4,31 +4,24 @@ that tools/slurm_profile.sh writes holds only site settings, and both README com
 import os
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline_lib.job_resources import RULE_REQUESTS, rule_resources
+from tests.snakemake_cmd import ROOT, run_snakemake, snakemake_env, tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW_TESTS = ROOT / "tests" / "workflow"
 PROFILE_TOOL = ROOT / "tools" / "slurm_profile.sh"
 WORKFLOW_PROFILE = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
 EXTRACTION_RULES = {"extract_shard"}  # one GPU per job
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(WORKFLOW_TESTS / name, workdir / name)
-    cmd = [sys.executable, "-m", "snakemake", *args]
-    cmd += ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    """`snakemake ARGS` from the repository root (its Snakefile) on the tiny config."""
+    tiny_config(workdir)
+    return run_snakemake(workdir, *args, cores=None, snakefile=False, env=env, timeout=300)
 
 
 def write_profile(xdg: Path, *args: str) -> subprocess.CompletedProcess:
@@ -44,6 +37,7 @@ def cluster_section() -> str:
     return section[: section.index("\n## ", 1)]
 
 
+@pytest.mark.slow  # a snakemake process
 def test_every_rule_requests_its_own_resources(tmp_path):
     rules = set(snakemake(tmp_path, "--list-rules").stdout.split()) - {"all"}
     assert rules, "snakemake --list-rules printed no rules"
@@ -122,6 +116,7 @@ def test_profile_tool_rejects_bad_options(tmp_path, args, message):
     assert not (tmp_path / "snakemake" / "slurm" / "config.yaml").exists()
 
 
+@pytest.mark.slow  # snakemake processes
 def test_readme_cluster_commands_dry_run(tmp_path):
     section = cluster_section()
     lines = [line.strip() for line in section.splitlines()]
@@ -130,7 +125,7 @@ def test_readme_cluster_commands_dry_run(tmp_path):
     xdg = tmp_path / "xdg"
     proc = write_profile(xdg, *shlex.split(tool)[2:])
     assert proc.returncode == 0, proc.stderr
-    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
+    env = snakemake_env(XDG_CONFIG_HOME=str(xdg))
     work = tmp_path / "work"
     work.mkdir()
     out = snakemake(work, "--cores", "all", "--profile", "slurm", "-n", env=env)

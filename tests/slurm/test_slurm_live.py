@@ -9,25 +9,34 @@ installed the Debian packages, so there this test must run; elsewhere it skips u
 start daemons (root or passwordless sudo) and the packages are present.
 """
 
+import contextlib
+import fcntl
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline_lib.job_resources import RULE_REQUESTS
+from tests.snakemake_cmd import (
+    FMNIST,
+    ROOT,
+    WORKFLOW_TESTS,
+    job_counts,
+    run_snakemake,
+    snakemake_env,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW_TESTS = ROOT / "tests" / "workflow"
 CLUSTER = ROOT / "tools" / "slurm" / "local_cluster.sh"
 PROFILE_TOOL = ROOT / "tools" / "slurm_profile.sh"
 COMMAND = ["snakemake", "--cores", "all", "--profile", "slurm"]  # as the README promises
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+)")
 pytestmark = pytest.mark.slow
@@ -51,8 +60,15 @@ def readme_profile_command() -> list[str]:
 COMMAND_TEXT = " ".join(COMMAND)
 
 
+def tiny_config_one_shard() -> dict:
+    """The tiny config with one extraction shard per store (the shards are tested locally)."""
+    config = yaml.safe_load((WORKFLOW_TESTS / "config.yaml").read_text())
+    config["extraction"]["shards"] = 1
+    return config
+
+
 def tiny_experiments() -> dict:
-    """The tiny config cut to one job per kind where it can be (12 SLURM jobs, not 31):
+    """The tiny config cut to one job per kind where it can be (12 SLURM jobs, not 33):
     every rule still runs, and each job is checked against its rule's request."""
     exps = yaml.safe_load((WORKFLOW_TESTS / "experiments.yaml").read_text())
     tiny = exps["experiments"]["tiny"]
@@ -84,9 +100,32 @@ def _profile_floor() -> dict[str, str]:
     return {"SLURM_LOCAL_MIN_CPUS": str(2 * threads), "SLURM_LOCAL_MIN_MEM_MB": str(2 * mem_mb)}
 
 
+@contextlib.contextmanager
+def one_cluster_at_a_time(timeout_s: float = 1800):
+    """Hold an exclusive lock for as long as a live cluster runs: the cluster listens on fixed
+    ports, so a second one (another xdist worker, or another test session on this machine)
+    waits here until the first is stopped."""
+    path = Path(tempfile.gettempdir()) / "pipeline_lib-slurm-live.lock"
+    with open(path, "a") as lock:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another live SLURM test held {path} for {timeout_s:.0f} s")
+                time.sleep(2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Start the cluster; always stop the daemons it started (by PID), whatever happens."""
+def slurm_cluster(tmp_path_factory):
+    """Start the cluster; always stop the daemons it started (by PID), whatever happens.
+    One live cluster at a time: see `one_cluster_at_a_time`."""
     if not FMNIST.exists():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
     root = _as_root()
@@ -105,6 +144,11 @@ def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-state")
     state.chmod(0o755)
     env_args = ["env", *(f"{k}={v}" for k, v in _profile_floor().items())]
+    with one_cluster_at_a_time():
+        yield from _run_cluster(root, env_args, state)
+
+
+def _run_cluster(root: list[str], env_args: list[str], state: Path):
     try:
         start = subprocess.run(
             [*root, *env_args, "bash", str(CLUSTER), "start", str(state)],
@@ -138,28 +182,17 @@ def site_profile(tmp_path_factory) -> Path:
 
 
 def snakemake_slurm(workdir: Path, xdg: Path, timeout: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", *COMMAND]
-    cmd += ["--directory", str(workdir), "--configfile", str(workdir / "config.yaml")]
-    env = dict(os.environ, XDG_CONFIG_HOME=str(xdg))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """Exactly COMMAND (no -s: run from the repository root, as the README says), plus
+    --directory/--configfile; the jobs get this checkout's PYTHONPATH and interpreter."""
+    path = os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", "")))
+    env = snakemake_env(XDG_CONFIG_HOME=str(xdg), PATH=path)
+    proc = run_snakemake(
+        workdir, *COMMAND[1:], cores=None, snakefile=False, env=env, check=False, timeout=timeout
+    )
     (workdir / f"snakemake-{len(list(workdir.glob('snakemake-*.log')))}.log").write_text(
         proc.stdout + proc.stderr
     )
     return proc
-
-
-def job_stats(text: str) -> dict[str, int]:
-    """Snakemake's 'Job stats' table (printed before a real run too)."""
-    lines = text[text.index("Job stats:") :].splitlines()[3:]
-    counts = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def slurm_job(job_id: str) -> dict[str, str]:
@@ -186,9 +219,9 @@ def rule_of(job: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster, site_profile, tmp_path_factory):
+def slurm_run(slurm_cluster, site_profile, tmp_path_factory):
     work = tmp_path_factory.mktemp("wf-slurm")
-    shutil.copy(WORKFLOW_TESTS / "config.yaml", work / "config.yaml")
+    (work / "config.yaml").write_text(yaml.safe_dump(tiny_config_one_shard()))
     (work / "experiments.yaml").write_text(yaml.safe_dump(tiny_experiments()))
     proc = snakemake_slurm(work, site_profile, timeout=1200)
     out = proc.stdout + proc.stderr
@@ -197,9 +230,9 @@ def slurm_run(cluster, site_profile, tmp_path_factory):
     return work, out, site_profile
 
 
-def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
+def test_tiny_workflow_runs_through_slurm(slurm_cluster, slurm_run):
     work, out, _ = slurm_run
-    counts = job_stats(out)
+    counts = job_counts(out)
     ids = SUBMITTED.findall(out)
     # every job except the target rule `all` (which runs nothing) was an sbatch submission
     assert len(ids) == len(set(ids)) == counts["total"] - 1, (counts, ids)
@@ -213,7 +246,7 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
         check=True,
     ).stdout
     finished = dict(line.split("|") for line in squeue.split())
-    jobcomp = (cluster / "log" / "jobcomp.txt").read_text()
+    jobcomp = (slurm_cluster / "log" / "jobcomp.txt").read_text()
     per_rule: dict[str, int] = {}
     seen: dict[str, tuple] = {}
     for job_id in ids:
@@ -250,7 +283,7 @@ def test_tiny_workflow_runs_through_slurm(cluster, slurm_run):
     assert len(list((work / "results" / "runs").rglob("metrics.json"))) == counts["fit_head"]
 
 
-def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster, slurm_run):
+def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(slurm_cluster, slurm_run):
     work, _, xdg = slurm_run
     exps = yaml.safe_load((work / "experiments.yaml").read_text())
     tiny = exps["experiments"]["tiny"]
@@ -270,7 +303,7 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     failed = snakemake_slurm(work, xdg, timeout=600)
     out = failed.stdout + failed.stderr
     assert failed.returncode != 0, out[-4000:]
-    assert job_stats(out) == {
+    assert job_counts(out) == {
         "fit_head": 2,
         "report_experiment": 1,
         "report_index": 1,
@@ -303,7 +336,7 @@ def test_failed_job_is_reported_and_rerun_completes_only_what_is_missing(cluster
     out = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, out[-6000:]
     # only the failed head and the reports that waited for it
-    assert job_stats(out) == {
+    assert job_counts(out) == {
         "fit_head": 1,
         "report_experiment": 1,
         "report_index": 1,

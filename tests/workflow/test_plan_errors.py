@@ -1,22 +1,17 @@
 """Mistakes stop `snakemake` when the run is planned, with the hint, before any job runs."""
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from tests.snakemake_cmd import FMNIST, run_snakemake, tiny_config
+
+pytestmark = pytest.mark.slow  # a snakemake process per test
 
 
 def dry_run(work: Path) -> str:
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "-s", str(ROOT / "Snakefile")]
-    cmd += ["--directory", str(work), "--configfile", str(work / "config.yaml")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_snakemake(work, "-n", cores=1, check=False, timeout=300)
     assert proc.returncode != 0, "the dry run should have failed"
     out = proc.stdout + proc.stderr
     assert not (work / "results").exists()
@@ -27,9 +22,7 @@ def dry_run(work: Path) -> str:
 def work(tmp_path):
     if not FMNIST.exists():
         pytest.skip("needs apt-get install dataset-fashion-mnist")
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(HERE / name, tmp_path / name)
-    return tmp_path
+    return tiny_config(tmp_path)
 
 
 def edit(path: Path, change) -> None:

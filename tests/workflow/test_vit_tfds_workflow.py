@@ -9,16 +9,12 @@ Extraction runs as 2 shard jobs per store.
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
+from tests.snakemake_cmd import WORKFLOW_TESTS, run_snakemake, snakemake_env
+
 pytestmark = pytest.mark.slow
 N = 64  # mocked examples per split
 
@@ -62,26 +58,9 @@ def vit_run(tmp_path_factory):
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
     (work / "experiments.yaml").write_text(yaml.safe_dump(experiments))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(HERE / "tfds_mock"), str(ROOT)]),
-        DP_TEST_MOCK_TFDS=str(N),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(work),
-        "--configfile",
-        str(work / "config.yaml"),
-        "--cores",
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # every process snakemake starts imports tfds_mock/sitecustomize.py, which mocks TFDS
+    env = snakemake_env(WORKFLOW_TESTS / "tfds_mock", DP_TEST_MOCK_TFDS=str(N))
+    proc = run_snakemake(work, env=env)
     return work, ckpt, proc.stdout + proc.stderr
 
 

@@ -1,20 +1,28 @@
-"""End-to-end: the tiny workflow on a few hundred real Fashion-MNIST images, and lint."""
+"""End-to-end: the tiny workflow on a few hundred real Fashion-MNIST images, and lint.
+
+The run itself is the session fixture `tiny_workflow` (tests/conftest.py), shared with
+tests/features/test_rules.py and tests/test_classify.py; tests that change it take a copy.
+"""
 
 import csv
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).parent
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+from tests.snakemake_cmd import (
+    FMNIST,
+    ROOT,
+    WORKFLOW_TESTS,
+    copy_workflow,
+    job_counts,
+    run_snakemake,
+    tiny_config,
+)
+
 pytestmark = pytest.mark.slow
 SETTING = Path("fashion_mnist_tiny", "efficientnet_lite0", "32px")
 
@@ -23,48 +31,11 @@ def RUNS(work: Path) -> Path:  # noqa: N802
     return work / "results" / "runs"
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    if not FMNIST.exists():
-        pytest.skip("needs apt-get install dataset-fashion-mnist")
-    work = tmp_path_factory.mktemp("wf")
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(HERE / name, work / name)
-    proc = snakemake(work)
-    (work / "snakemake.out").write_text(proc.stdout + proc.stderr)
-    return work
-
-
-def test_tiny_workflow_beats_chance(tiny_run):
-    report = tiny_run / "results" / "reports" / "tiny"
+def test_tiny_workflow_beats_chance(tiny_workflow):
+    report = tiny_workflow / "results" / "reports" / "tiny"
     for name in ("summary.csv", "summary.md", "accuracy_vs_epsilon.png"):
         assert (report / name).stat().st_size > 0
-    runs = [
-        json.loads(p.read_text()) for p in (tiny_run / "results" / "runs").rglob("metrics.json")
-    ]
+    runs = [json.loads(p.read_text()) for p in RUNS(tiny_workflow).rglob("metrics.json")]
     for method in ("dp_ls", "dp_newton", "dp_fc", "dp_sgd"):
         acc = sorted(
             r["test_accuracy"] for r in runs if r["method"] == method and r["target_epsilon"] == 8
@@ -82,17 +53,18 @@ def test_tiny_workflow_beats_chance(tiny_run):
     assert "non-private" in md and "dp_ls" in md
 
 
-def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_run):
-    proc = snakemake(tiny_run, "-n")
+def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_workflow_copy):
+    work = tiny_workflow_copy
+    proc = run_snakemake(work, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
-    exps = yaml.safe_load((tiny_run / "experiments.yaml").read_text())
+    exps = yaml.safe_load((work / "experiments.yaml").read_text())
     exps["experiments"]["tiny"]["epsilons"].append(4)
-    edited = tiny_run / "experiments_more.yaml"
+    edited = work / "experiments_more.yaml"
     edited.write_text(yaml.safe_dump(exps))
-    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
     cfg["experiments_file"] = str(edited)
-    (tiny_run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = snakemake(tiny_run, "-n")
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(work, "-n")
     counts = job_counts(proc.stdout + proc.stderr)
     # 4 private methods x 2 seeds at the new epsilon, its experiment's report and the
     # cross-experiment index; no extraction, no statistics, no other head run
@@ -105,61 +77,35 @@ def test_rerun_does_nothing_and_new_epsilon_adds_only_its_runs(tiny_run):
     }, counts
 
 
-def job_counts(text: str) -> dict[str, int]:
-    """Parse snakemake's dry-run 'Job stats' table."""
-    lines = text[text.index("Job stats:") :].splitlines()[3:]
-    counts = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    return counts
-
-
 def test_bad_config_fails_clearly_and_writes_nothing(tmp_path):
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(HERE / name, tmp_path / name)
+    tiny_config(tmp_path)
     exps = yaml.safe_load((tmp_path / "experiments.yaml").read_text())
     exps["experiments"]["tiny"]["epsilons"] = [-1]
     (tmp_path / "experiments.yaml").write_text(yaml.safe_dump(exps))
-    proc = snakemake(tmp_path, check=False)
+    proc = run_snakemake(tmp_path, check=False)
     assert proc.returncode != 0
     assert "epsilons" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_lint():
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--lint",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # the repository's own config (config/config.yaml), as a user would lint it
+    proc = run_snakemake(ROOT, "--lint", configfile=False, cores=None, check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Congratulations" in proc.stdout + proc.stderr
 
 
-def test_released_head_reproduces_reported_accuracy(tiny_run):
+def test_released_head_reproduces_reported_accuracy(tiny_workflow):
     from pipeline_lib.features.store import FeatureStore
     from pipeline_lib.heads.released import load_head
 
-    run = RUNS(tiny_run) / "tiny" / SETTING / "dp_ls" / "eps8" / "seed0"
+    run = RUNS(tiny_workflow) / "tiny" / SETTING / "dp_ls" / "eps8" / "seed0"
     head = load_head(run / "head.npz")
     metrics = json.loads((run / "metrics.json").read_text())
     assert head.private and head.epsilon == metrics["spent_epsilon"] <= 8
     assert head.metadata["noise_multipliers"] == metrics["noise_multipliers"]
     store = FeatureStore(
-        tiny_run / "results/features/fashion_mnist_tiny/efficientnet_lite0/32px/test.zarr"
+        tiny_workflow / "results/features/fashion_mnist_tiny/efficientnet_lite0/32px/test.zarr"
     )
     x, y = store.read_all()
     assert np.mean(head.predict(x) == y) == pytest.approx(metrics["test_accuracy"])
@@ -171,8 +117,8 @@ def _metrics(work: Path, experiment: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in (RUNS(work) / experiment).rglob("metrics.json")]
 
 
-def test_tuned_experiment_reports_per_run_and_total_epsilon(tiny_run):
-    runs = _metrics(tiny_run, "tiny_tuned")
+def test_tuned_experiment_reports_per_run_and_total_epsilon(tiny_workflow):
+    runs = _metrics(tiny_workflow, "tiny_tuned")
     assert sorted(r["method"] for r in runs) == ["dp_ls", "dp_sgd"]
     for r in runs:
         assert r["epsilon_covers_tuning"] is True
@@ -184,9 +130,9 @@ def test_tuned_experiment_reports_per_run_and_total_epsilon(tiny_run):
         assert r["hyperparameters"] == tuning["candidates"][tuning["selected"]]["hyperparameters"]
         assert "IS covered" in r["privacy_statement"]
         assert r["num_train_fit"] < r["num_train"]
-    untuned = _metrics(tiny_run, "tiny")
+    untuned = _metrics(tiny_workflow, "tiny")
     assert all(r["epsilon_covers_tuning"] is False for r in untuned if r["private"])
-    report = tiny_run / "results" / "reports" / "tiny_tuned"
+    report = tiny_workflow / "results" / "reports" / "tiny_tuned"
     md = (report / "summary.md").read_text()
     assert "tuned, ε covers tuning" in md and "Per-run ε" in md
     rows = list(csv.DictReader(open(report / "runs.csv")))
@@ -194,8 +140,8 @@ def test_tuned_experiment_reports_per_run_and_total_epsilon(tiny_run):
     assert all(float(row["per_run_epsilon"]) < float(row["spent_epsilon"]) for row in rows)
 
 
-def test_index_ledger_and_terminal_summary(tiny_run):
-    reports = tiny_run / "results" / "reports"
+def test_index_ledger_and_terminal_summary(tiny_workflow):
+    reports = tiny_workflow / "results" / "reports"
     ledger = list(csv.DictReader(open(reports / "ledger.csv")))
     assert [row["dataset"] for row in ledger] == ["fashion_mnist_tiny"]
     (row,) = ledger
@@ -206,15 +152,15 @@ def test_index_ledger_and_terminal_summary(tiny_run):
     index = (reports / "index.md").read_text()
     assert "## Privacy ledger" in index and "fashion_mnist_tiny" in index
     assert (reports / "all_experiments.png").stat().st_size > 0
-    out = (tiny_run / "snakemake.out").read_text()
+    out = (tiny_workflow / "snakemake.out").read_text()
     assert "best method per target ε" in out and "reports/index.md" in out
 
 
-def test_html_report_contains_every_run(tiny_run):
-    html = tiny_run / "report.html"
-    snakemake(tiny_run, "--report", str(html))
+def test_html_report_contains_every_run(tiny_workflow, tmp_path):
+    html = tmp_path / "report.html"
+    run_snakemake(tiny_workflow, "--report", str(html))
     text = _report_text(html)
-    for r in _metrics(tiny_run, "tiny") + _metrics(tiny_run, "tiny_tuned"):
+    for r in _metrics(tiny_workflow, "tiny") + _metrics(tiny_workflow, "tiny_tuned"):
         assert repr(r["test_accuracy"]) in text, r["method"]
         if r["private"]:
             assert repr(r["spent_epsilon"]) in text, r["method"]
@@ -253,8 +199,7 @@ def _report_text(path: Path) -> str:
     ],
 )
 def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, edit, match):
-    for name in ("config.yaml", "experiments.yaml"):
-        shutil.copy(HERE / name, tmp_path / name)
+    tiny_config(tmp_path)
     exp_path, cfg_path = tmp_path / "experiments.yaml", tmp_path / "config.yaml"
     text = exp_path.read_text()
     if edit == "unknown_key":
@@ -275,14 +220,14 @@ def test_bad_input_fails_clearly_and_leaves_nothing(tmp_path, edit, match):
         cfg = cfg_path.read_text()
         cfg_path.write_text(cfg.replace(str(FMNIST), "/nonexistent/fmnist"))
     exp_path.write_text(text)
-    proc = snakemake(tmp_path, "-n", check=False)
+    proc = run_snakemake(tmp_path, "-n", check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert re.search(match, out), out[-3000:]
     assert not (tmp_path / "results").exists()
 
 
-# --- secret noise through the workflow (kept last: they rerun jobs of tiny_run) ---------
+# --- secret noise through the workflow (on a copy of the tiny workflow: they rerun jobs) ---
 
 NOISE_EXPERIMENTS = {
     "tiny_release": {  # release-ready: no non-private baselines, secret noise (the default)
@@ -310,16 +255,17 @@ NOISE_EXPERIMENTS = {
 
 
 @pytest.fixture(scope="module")
-def noise_run(tiny_run):
-    exps = yaml.safe_load((HERE / "experiments.yaml").read_text())
+def noise_run(tiny_workflow, tmp_path_factory):
+    work = copy_workflow(tiny_workflow, tmp_path_factory.mktemp("noise") / "wf")
+    exps = yaml.safe_load((WORKFLOW_TESTS / "experiments.yaml").read_text())
     exps["experiments"].update(NOISE_EXPERIMENTS)
-    edited = tiny_run / "experiments_noise.yaml"
+    edited = work / "experiments_noise.yaml"
     edited.write_text(yaml.safe_dump(exps))
-    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
     cfg["experiments_file"] = str(edited)
-    (tiny_run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    snakemake(tiny_run)
-    return tiny_run
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run_snakemake(work)
+    return work
 
 
 def _weights(run_dir: Path) -> np.ndarray:
@@ -332,7 +278,7 @@ def test_forced_rerun_is_a_new_release_unless_noise_is_reproducible(noise_run):
     repro = RUNS(noise_run) / "tiny_repro" / SETTING / "dp_ls" / "eps1" / "seed0"
     before = {p: _weights(p) for p in (private, repro)}
     for run in (private, repro):
-        snakemake(noise_run, "-f", str((run / "metrics.json").relative_to(noise_run)))
+        run_snakemake(noise_run, "-f", str((run / "metrics.json").relative_to(noise_run)))
     assert not np.allclose(_weights(private), before[private])  # new secret key, new noise
     np.testing.assert_array_equal(_weights(repro), before[repro])
     meta = json.loads((repro / "metrics.json").read_text())
