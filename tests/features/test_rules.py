@@ -265,7 +265,7 @@ def test_combination_rule_builds_a_verified_store_that_heads_read(tmp_path):
         "nonprivate_logistic": {"l2_clip_norm": 1.0, "feature_transform": "normalize"}
     }
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
-    counts = _job_counts(snakemake(work, "-n"))
+    counts = job_counts(snakemake(work, "-n"))
     assert counts["combine_store"] == 2  # train and test
     assert counts["init_store"] == counts["finalize_store"] == 4  # 2 sources x 2 splits
 
@@ -300,6 +300,6 @@ def test_lite1_and_lite2_at_their_native_sizes_are_planned(tmp_path):
         exps["experiments"][name] = dict(tiny, backbone=name, image_size=size)
     (work / "experiments.yaml").write_text(yaml.safe_dump(exps))
     out = snakemake(work, "-n")
-    assert _job_counts(out)["extract_shard"] == 4  # 2 backbones x 2 splits
+    assert job_counts(out)["extract_shard"] == 4  # 2 backbones x 2 splits
     for store in ("efficientnet_lite1/240px/train.zarr", "efficientnet_lite2/260px/test.zarr"):
         assert f"results/features/fmnist/{store}" in out
