@@ -26,6 +26,7 @@ from pipeline_lib.heads.stats import compute_stats, load_stats, save_stats, stat
 from pipeline_lib.reporting import build_report
 from pipeline_lib.run_outputs import head_repair_command, verify_runs
 from pipeline_lib.runner import run_head
+from tests.store_helpers import write_array_store
 
 K, D, N = 3, 8, 600
 FAULTS = ["delete", "truncate", "flip", "swap"]
@@ -36,21 +37,7 @@ def _store(path: Path, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, K, N).astype(np.int32)
     x = (centers[y] + rng.normal(size=(N, D))).astype(np.float32)
-    attrs = dict(
-        backbone="synthetic",
-        checkpoint_sha256="0" * 64,
-        preprocessing="none",
-        image_size=16,
-        dataset="toy",
-        split=path.stem,
-        num_classes=K,
-    )
-    fs.create_store(path, num_examples=N, feature_dim=D, chunk_rows=256, attrs=attrs)
-    for c in range(fs.num_chunks(N, 256)):
-        a, b = fs.chunk_bounds(c, N, 256)
-        fs.write_chunk(path, c, x[a:b], y[a:b])
-    fs.finalize_store(path)
-    return path
+    return write_array_store(path, x, y, num_classes=K, dataset="toy")
 
 
 class _Run:

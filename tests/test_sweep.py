@@ -14,6 +14,7 @@ from pipeline_lib.features import store as fs
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import make_head
 from pipeline_lib.runner import run_head
+from tests.store_helpers import write_array_store
 
 K, D, ROWS = 3, 8, 256
 
@@ -23,21 +24,7 @@ def _store(path, n, seed, shift=0.0):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, K, n).astype(np.int32)
     x = (centers[y] + rng.normal(size=(n, D)) + shift).astype(np.float32)
-    attrs = dict(
-        backbone="synthetic",
-        checkpoint_sha256="0" * 64,
-        preprocessing="none",
-        image_size=16,
-        dataset="syn",
-        split=path.stem,
-        num_classes=K,
-    )
-    fs.create_store(path, num_examples=n, feature_dim=D, chunk_rows=ROWS, attrs=attrs)
-    for c in range(fs.num_chunks(n, ROWS)):
-        a, b = fs.chunk_bounds(c, n, ROWS)
-        fs.write_chunk(path, c, x[a:b], y[a:b])
-    fs.finalize_store(path)
-    return path
+    return write_array_store(path, x, y, num_classes=K, dataset="syn", chunk_rows=ROWS)
 
 
 @pytest.fixture(scope="module")

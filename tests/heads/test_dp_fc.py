@@ -19,6 +19,7 @@ from pipeline_lib.heads.dp_fc import DPFeatureCovariance
 from pipeline_lib.privacy import accounting
 from pipeline_lib.privacy.clipping import bound_rows
 from pipeline_lib.privacy.noise import NoiseKey
+from tests.store_helpers import write_array_store
 
 rk = NoiseKey.reproducible  # test keys: reproducible, NOT private
 
@@ -250,21 +251,12 @@ def test_uncalibrated_head_refuses_to_fit():
 
 
 def _write_store(path, n=700, d=6, k=3, seed=0, shift=0.0, chunk_rows=128):
-    from pipeline_lib.features import store as fs
-
     rng = np.random.default_rng(seed)
     y = rng.integers(0, k, n).astype(np.int32)
     x = (rng.normal(size=(k, d))[y] + 0.6 * rng.normal(size=(n, d)) + shift).astype(np.float32)
-    attrs = dict(
-        backbone="synthetic", checkpoint_sha256="0" * 64, preprocessing="none", image_size=16,
-        dataset="syn", split="train", num_classes=k,
-    )  # fmt: skip
-    fs.create_store(path, num_examples=n, feature_dim=d, chunk_rows=chunk_rows, attrs=attrs)
-    for c in range(fs.num_chunks(n, chunk_rows)):
-        a, b = fs.chunk_bounds(c, n, chunk_rows)
-        fs.write_chunk(path, c, x[a:b], y[a:b])
-    fs.finalize_store(path)
-    return path
+    return write_array_store(
+        path, x, y, num_classes=k, dataset="syn", split="train", chunk_rows=chunk_rows
+    )
 
 
 def test_runs_of_one_store_share_the_augmented_gram_with_identical_results(tmp_path, monkeypatch):

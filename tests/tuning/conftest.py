@@ -10,6 +10,7 @@ from pipeline_lib.features import store as fs
 from pipeline_lib.features.split import RowSubset
 from pipeline_lib.heads.stats import compute_stats, save_stats
 from pipeline_lib.runner import run_head
+from tests.store_helpers import write_array_store
 
 K, D = 3, 8
 
@@ -19,21 +20,7 @@ def _store(path, n, seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, K, n).astype(np.int32)
     x = (centers[y] + rng.normal(size=(n, D))).astype(np.float32)
-    attrs = {
-        "backbone": "synthetic",
-        "checkpoint_sha256": "0" * 64,
-        "preprocessing": "none",
-        "image_size": 16,
-        "dataset": path.parent.name,
-        "split": path.stem,
-        "num_classes": K,
-    }
-    fs.create_store(path, num_examples=n, feature_dim=D, chunk_rows=256, attrs=attrs)
-    for c in range(fs.num_chunks(n, 256)):
-        a, b = fs.chunk_bounds(c, n, 256)
-        fs.write_chunk(path, c, x[a:b], y[a:b])
-    fs.finalize_store(path)
-    return path
+    return write_array_store(path, x, y, num_classes=K, dataset=path.parent.name)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from pipeline_lib.features import store as fs
 from pipeline_lib.features.centered import CenteredRows
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads import make_head
@@ -18,6 +17,7 @@ from pipeline_lib.heads.stats import compute_stats
 from pipeline_lib.privacy import accounting, centering, noise
 from pipeline_lib.privacy.events import event_from_json
 from pipeline_lib.runner import run_identity
+from tests.store_helpers import write_array_store
 
 REPRO = {"mode": "reproducible", "seed": 0}
 
@@ -30,14 +30,7 @@ def _offset_store(path, n, seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, k, n).astype(np.int32)
     x = np.abs(6.0 + centers[y] + rng.normal(size=(n, d))).astype(np.float32)
-    attrs = {"backbone": "synthetic", "checkpoint_sha256": "0" * 64, "preprocessing": "none",
-             "image_size": 16, "dataset": "priv", "split": path.stem, "num_classes": k}  # fmt: skip
-    fs.create_store(path, num_examples=n, feature_dim=d, chunk_rows=256, attrs=attrs)
-    for c in range(fs.num_chunks(n, 256)):
-        a, b = fs.chunk_bounds(c, n, 256)
-        fs.write_chunk(path, c, x[a:b], y[a:b])
-    fs.finalize_store(path)
-    return path
+    return write_array_store(path, x, y, num_classes=k, dataset="priv")
 
 
 @pytest.fixture(scope="module")
