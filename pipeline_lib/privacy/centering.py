@@ -64,6 +64,7 @@ import numpy as np
 
 from pipeline_lib.privacy import accounting, events, noise
 from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.selection import with_noise
 
 __all__ = [
     "CENTER_KEY_LABEL",
@@ -162,10 +163,6 @@ class CenteredCalibration:
     spent_epsilon: float
 
 
-def _with_noise(head, noise_multiplier: float):
-    return dataclasses.replace(head, noise_multiplier=float(noise_multiplier))
-
-
 def calibrate_centered(
     head, *, epsilon: float, delta: float, num_examples: int | None, share: float
 ) -> CenteredCalibration:
@@ -180,7 +177,7 @@ def calibrate_centered(
     base = alone.noise_multiplier
 
     def make_event(t: float) -> dp_accounting.DpEvent:
-        return events.centered_event(s_m, _with_noise(alone, t * base).dp_event())
+        return events.centered_event(s_m, with_noise(alone, t * base).dp_event())
 
     cal = accounting.calibrate_noise_scale(
         make_event,
@@ -193,7 +190,7 @@ def calibrate_centered(
     t = cal.noise_scale
     event = make_event(t)
     return CenteredCalibration(
-        head=_with_noise(alone, t * base),
+        head=with_noise(alone, t * base),
         center_noise_multiplier=s_m,
         factor=t,
         event=event,
