@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -389,7 +390,9 @@ def _run_chunks(
         for batch in batches:
             x = jax.device_put(batch.images, in_sharding)
             if compiled is None:
-                compiled, more = _compile(jitted, backbone, variables, x, image_size, host_resize)
+                compiled, more = _compile(
+                    jitted, backbone, variables, x, image_size, host_resize, mesh
+                )
                 figures.update(more)
                 meter = dev.Throughput(
                     flops_per_batch=figures["flops_per_batch"],
@@ -421,15 +424,60 @@ def _run_chunks(
     return summary
 
 
-def _compile(jitted, backbone: Backbone, variables, x, image_size: int, host_resize: bool):
-    """AOT-compile for this batch; FLOPs of the global batch from a loop-free lowering."""
+# Compiled forward passes of this process, keyed on everything that defines the program
+# (see _program_key), so that a process extracting several stores or shards with the same
+# backbone and batch shape traces and compiles once (tests and warm workflow processes do;
+# a sharded extraction's jobs on one machine too). Least recently used first.
+_COMPILED: OrderedDict[tuple, tuple[Any, float | None]] = OrderedDict()
+_COMPILED_MAX = 8
+
+
+def _program_key(backbone: Backbone, variables, x, image_size: int, host_resize: bool, mesh):
+    """What the compiled program depends on: the module's full configuration (its repr lists
+    every field), the preprocessing (described exactly by its string and preset), the TTA
+    mode, input size and resize placement, the batch's shape and dtype, the variables'
+    shapes and dtypes (their values are arguments), the shardings (devices) and the
+    default matmul precision. Nothing here is a memory address, so a key can never match
+    a different program that happens to reuse a freed object's id."""
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    return (
+        type(backbone.module).__module__,
+        type(backbone.module).__qualname__,
+        repr(backbone.module),
+        backbone.name,
+        backbone.preprocessing,
+        repr(backbone.image_preprocessing),
+        backbone.tta,
+        int(image_size),
+        bool(host_resize),
+        tuple(x.shape),
+        str(x.dtype),
+        str(tree),
+        tuple((tuple(v.shape), str(v.dtype)) for v in leaves),
+        tuple(mesh.axis_names),
+        tuple((d.platform, d.id) for d in mesh.devices.flat),
+        str(jax.config.jax_default_matmul_precision),
+    )
+
+
+def _compile(jitted, backbone: Backbone, variables, x, image_size: int, host_resize: bool, mesh):
+    """AOT-compile for this batch (or reuse this process's compilation of the same program);
+    FLOPs of the global batch from a loop-free lowering."""
     t0 = time.perf_counter()
+    key = _program_key(backbone, variables, x, image_size, host_resize, mesh)
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        compiled, flops = _COMPILED[key]
+        return compiled, {"compile_seconds": time.perf_counter() - t0, "flops_per_batch": flops}
     compiled = jitted.lower(variables, x).compile()
     compile_seconds = time.perf_counter() - t0
     loop_free = make_feature_fn(
         backbone, image_size, resize_on_device=not host_resize, module=_loop_free(backbone.module)
     )
     flops = dev.lowered_flops(jax.jit(loop_free).lower(variables, x))
+    _COMPILED[key] = (compiled, flops)
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
     return compiled, {"compile_seconds": compile_seconds, "flops_per_batch": flops}
 
 

@@ -231,3 +231,73 @@ def test_more_shards_than_chunks_leaves_some_empty(fmnist_300, tmp_path):
     empty = extract.extract_shard(fmnist_300, out_path=path, shard=0, num_shards=20, **COMMON)
     assert empty["chunk_range"] == [] and empty["images"] == 0 and empty["chunks_done"] == 0
     assert fs.pending_chunks(path) == list(range(10))
+
+
+def _backend_compiles(fn):
+    """(fn's result, how many XLA programs were compiled while it ran)."""
+    import jax.monitoring
+
+    count = [0]
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return fn(), count[0]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_second_extraction_reuses_the_compiled_program(
+    fmnist_300, unsharded, tmp_path, assert_same_store
+):
+    """The process keeps its compiled forward passes (extract._COMPILED): extracting the same
+    backbone at the same batch shape again compiles nothing and gives the same bytes."""
+    path = tmp_path / "again.zarr"
+    run = lambda: extract.extract_to_store(  # noqa: E731
+        fmnist_300,
+        backbone_name="efficientnet_lite0",
+        out_path=path,
+        image_size=32,
+        batch_size=BATCH,
+        chunk_rows=ROWS,
+        progress=False,
+    )
+    stats, compiles = _backend_compiles(run)
+    assert stats["chunks_done"] == 10
+    assert compiles == 0
+    assert_same_store(unsharded, path)
+
+
+def test_program_key_tells_every_program_apart():
+    """Anything that changes the compiled program changes the key; a fresh but identical
+    backbone object does not (the key holds no object ids)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pipeline_lib.backbones import get_backbone
+
+    mesh = extract.dev.data_parallel_mesh(1)
+    x = jnp.zeros((BATCH, 28, 28, 1), jnp.uint8)
+
+    def key(name="efficientnet_lite0", size=32, host=False, batch=x, **kw):
+        backbone = get_backbone(name, **kw)
+        variables = jax.eval_shape(lambda: backbone.load_variables(size)[0])
+        return extract._program_key(backbone, variables, batch, size, host, mesh)
+
+    base = key()
+    assert key() == base
+    variants = [
+        key(size=64),
+        key(host=True),
+        key(batch=jnp.zeros((2 * BATCH, 28, 28, 1), jnp.uint8)),
+        key(dtype="bfloat16"),
+        key(depthwise_impl="shift"),
+        key(spec={"model": "efficientnet_lite", "variant": "lite0", "tta": "flip"}),
+        key(name="efficientnet_lite1"),
+        key(name="scatternet", size=28),
+    ]
+    assert all(v != base for v in variants)
+    assert len(set(variants)) == len(variants)
