@@ -134,7 +134,7 @@ from pipeline_lib.heads.base import (
 )
 from pipeline_lib.heads.linear import padded_chunks, solve_ridge_psd
 from pipeline_lib.privacy import accounting, events, noise
-from pipeline_lib.privacy.clipping import SHRINK, bound_rows, clip_l2
+from pipeline_lib.privacy.clipping import SHRINK, bound_rows, check_bound, clip_l2
 
 GRADIENT_RELEASE = "dp_newton/gradient"
 HESSIAN_RELEASE = "dp_newton/hessian"
@@ -179,11 +179,26 @@ def class_blocks(num_classes: int, block: int) -> list[np.ndarray]:
     return [np.arange(lo, min(lo + block, num_classes)) for lo in range(0, num_classes, block)]
 
 
-@partial(jax.jit, static_argnames=("l2_clip_norm", "transform", "bias_feature"))
 def augment_rows(x, mask, *, l2_clip_norm, transform, bias_feature):
     """[bound_rows(x), b0] on real rows, zero rows on padding."""
+    b0 = float(bias_feature)
+    if not 0 <= b0 < math.inf:
+        raise ValueError(f"bias_feature must be finite and >= 0, got {bias_feature!r}")
+    return _augment_rows(
+        x,
+        mask,
+        l2_clip_norm=check_bound("l2_clip_norm", l2_clip_norm),
+        transform=transform,
+        bias_feature=b0,
+        with_bias=b0 > 0,
+    )
+
+
+# C and b0 are traced (one program for every value); whether there is a bias column is not.
+@partial(jax.jit, static_argnames=("transform", "with_bias"))
+def _augment_rows(x, mask, *, l2_clip_norm, transform, bias_feature, with_bias):
     xb = bound_rows(x, l2_clip_norm, transform)
-    if bias_feature > 0:
+    if with_bias:
         ones = jnp.full((x.shape[0], 1), bias_feature, jnp.float32)
         xb = jnp.concatenate([xb, ones], axis=1)
     return xb * mask[:, None]
@@ -214,7 +229,7 @@ def hessian_tile_flop_fraction(dim: int, tile_rows: int = HESSIAN_TILE_ROWS) -> 
 
 @partial(
     jax.jit,
-    static_argnames=("num_classes", "residual_bound", "hessian_weight_bound", "tile_rows"),
+    static_argnames=("num_classes", "tile_rows"),  # the two bounds are traced
     donate_argnums=(0, 1),
 )
 def accumulate_chunk(

@@ -13,12 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline_lib.features.store import FeatureStore
-from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.clipping import bound_rows, check_bound
 
 
-@partial(jax.jit, static_argnames=("l2_clip_norm", "transform"))
 def predict_logits(weights, bias, features, *, l2_clip_norm, transform):
     """Scores of the linear head on features bounded exactly as in training."""
+    c = check_bound("l2_clip_norm", l2_clip_norm)
+    return _predict_logits(weights, bias, features, l2_clip_norm=c, transform=transform)
+
+
+@partial(jax.jit, static_argnames=("transform",))  # C is traced: one program for every C
+def _predict_logits(weights, bias, features, *, l2_clip_norm, transform):
     return bound_rows(features, l2_clip_norm, transform) @ weights + bias
 
 

@@ -58,7 +58,7 @@ from pipeline_lib.heads.base import (
     POSITIVE,
 )
 from pipeline_lib.heads.linear import pad_rows
-from pipeline_lib.privacy.clipping import bound_rows, clip_factors
+from pipeline_lib.privacy.clipping import bound_rows, check_bound, clip_factors
 from pipeline_lib.privacy.noise import KeyStream
 from pipeline_lib.privacy.sampling import bernoulli_threshold, poisson_masks
 
@@ -94,7 +94,9 @@ def clipped_grad_sum(weights, bias_param, xb, labels, mask, *, l2_grad_clip, bia
     return xb.T @ cr, bias_scale * jnp.sum(cr, axis=0)
 
 
-_clipped_grad_sum_jit = jax.jit(clipped_grad_sum, static_argnames=("l2_grad_clip", "bias_scale"))
+# The bounds are traced arguments (one compiled program for every G and bias scale); the
+# callers pass the head's validated hyperparameters.
+_clipped_grad_sum_jit = jax.jit(clipped_grad_sum)
 
 
 # --------------------------------------------------------------------------- data access
@@ -104,7 +106,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-@partial(jax.jit, static_argnames=("l2_clip_norm", "transform"))
+@partial(jax.jit, static_argnames=("transform",))  # C is traced
 def _bound(x, *, l2_clip_norm, transform):
     return bound_rows(x, l2_clip_norm, transform)
 
@@ -120,7 +122,8 @@ class BoundedRows:
 
     def __init__(self, data, *, l2_clip_norm: float, transform: str, max_in_memory_bytes: float):
         self.data = data
-        self.l2_clip_norm, self.transform = float(l2_clip_norm), transform
+        self.l2_clip_norm = check_bound("l2_clip_norm", l2_clip_norm)
+        self.transform = transform
         self.num_examples = int(data.num_examples)
         self.feature_dim, self.num_classes = int(data.feature_dim), int(data.num_classes)
         self.chunk_rows, self.num_chunks = int(data.chunk_rows), int(data.num_chunks)
@@ -196,7 +199,9 @@ class BoundedRows:
         of each chunk; the batch (expected size q N, a public hyperparameter)
         is the only thing held in memory.
         """
-        kw = dict(l2_grad_clip=float(l2_grad_clip), bias_scale=float(bias_scale))
+        kw = dict(
+            l2_grad_clip=check_bound("l2_grad_clip", l2_grad_clip), bias_scale=float(bias_scale)
+        )
         gw = jnp.zeros_like(params["weights"])
         gb = jnp.zeros_like(params["bias"])
         if self.cached:
@@ -230,7 +235,7 @@ class BoundedRows:
         return gw, gb
 
 
-@partial(jax.jit, static_argnames=("l2_grad_clip", "bias_scale"))
+@jax.jit
 def _gathered_grad_sum(weights, bias, x, y, take, valid, *, l2_grad_clip, bias_scale):
     return clipped_grad_sum(
         weights, bias, x[take], y[take], valid, l2_grad_clip=l2_grad_clip, bias_scale=bias_scale
@@ -250,7 +255,7 @@ def sub_batch_rows(expected_batch: float) -> int:
 
 def full_grad_sum(params, rows: BoundedRows, *, l2_grad_clip: float, bias_scale: float = 1.0):
     """Clipped gradient sum over every training row: one pass over the data."""
-    kw = dict(l2_grad_clip=float(l2_grad_clip), bias_scale=float(bias_scale))
+    kw = dict(l2_grad_clip=check_bound("l2_grad_clip", l2_grad_clip), bias_scale=float(bias_scale))
     gw = jnp.zeros_like(params["weights"])
     gb = jnp.zeros_like(params["bias"])
     for xb, yb, mb in rows.iter_blocks():
@@ -264,7 +269,7 @@ def full_grad_sum(params, rows: BoundedRows, *, l2_grad_clip: float, bias_scale:
     return gw, gb
 
 
-@partial(jax.jit, static_argnames=("chunk_rows", "l2_grad_clip", "bias_scale"))
+@partial(jax.jit, static_argnames=("chunk_rows",))
 def _scanned_grad_sum(weights, bias, x, y, mask, *, chunk_rows, l2_grad_clip, bias_scale):
     """Chunk by chunk, so each chunk is read for the logits and the gradient while cached."""
     shape = (-1, chunk_rows)

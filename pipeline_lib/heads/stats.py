@@ -24,7 +24,7 @@ import numpy as np
 from pipeline_lib import integrity
 from pipeline_lib.features.store import FeatureStore
 from pipeline_lib.heads.linear import padded_chunks
-from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.clipping import bound_rows, check_bound
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +46,16 @@ class SuffStats:
         return self.xty.shape[1]
 
 
-@partial(jax.jit, static_argnames=("num_classes", "l2_clip_norm", "transform"))
 def _chunk_stats(x, y, mask, *, num_classes, l2_clip_norm, transform):
+    """One chunk's X^T X, X^T Y and class counts over bounded, masked rows (not released)."""
+    c = check_bound("l2_clip_norm", l2_clip_norm)
+    return _chunk_stats_jit(
+        x, y, mask, num_classes=num_classes, l2_clip_norm=c, transform=transform
+    )
+
+
+@partial(jax.jit, static_argnames=("num_classes", "transform"))  # C is traced: one program
+def _chunk_stats_jit(x, y, mask, *, num_classes, l2_clip_norm, transform):
     xb = bound_rows(x, l2_clip_norm, transform) * mask[:, None]
     xtx = xb.T @ xb
     xty = jax.ops.segment_sum(xb, y, num_segments=num_classes).T

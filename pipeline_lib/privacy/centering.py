@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pipeline_lib.privacy import accounting, events, noise
-from pipeline_lib.privacy.clipping import bound_rows
+from pipeline_lib.privacy.clipping import bound_rows, check_bound
 from pipeline_lib.privacy.selection import with_noise
 
 __all__ = [
@@ -94,7 +94,7 @@ def center_noise_multiplier(*, epsilon: float, delta: float, share: float) -> fl
     return dp_accounting.get_sigma_gaussian(epsilon, delta) / math.sqrt(check_share(share))
 
 
-@partial(jax.jit, static_argnames=("l2_clip_norm", "transform"))
+@partial(jax.jit, static_argnames=("transform",))  # C is traced: one program for every C
 def _bounded_chunk_sum(x, *, l2_clip_norm, transform):
     return jnp.sum(bound_rows(x, l2_clip_norm, transform), axis=0)
 
@@ -105,7 +105,9 @@ def bounded_sum(data, *, l2_clip_norm: float, transform: str) -> np.ndarray:
     seen = 0
     for feats, labels in data.iter_chunks():
         x = jnp.asarray(feats, jnp.float32)
-        part = _bounded_chunk_sum(x, l2_clip_norm=float(l2_clip_norm), transform=transform)
+        part = _bounded_chunk_sum(
+            x, l2_clip_norm=check_bound("l2_clip_norm", l2_clip_norm), transform=transform
+        )
         total += np.asarray(part, np.float64)
         seen += len(labels)
     if seen != data.num_examples:  # one pass, each example once
@@ -138,7 +140,7 @@ def release_mean(
     return ((total + np.asarray(draw, np.float64)) / n).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames=("l2_clip_norm", "transform"))
+@partial(jax.jit, static_argnames=("transform",))  # C is traced
 def _center(x, center, *, l2_clip_norm, transform):
     return bound_rows(x, l2_clip_norm, transform) - center
 
@@ -150,7 +152,9 @@ def center_rows(x, center, *, l2_clip_norm: float, transform: str) -> np.ndarray
     center = np.asarray(center, np.float32)
     if x.ndim != 2 or center.shape != (x.shape[1],):
         raise ValueError(f"features {x.shape} and feature center {center.shape} do not match")
-    out = _center(x, center, l2_clip_norm=float(l2_clip_norm), transform=transform)
+    out = _center(
+        x, center, l2_clip_norm=check_bound("l2_clip_norm", l2_clip_norm), transform=transform
+    )
     return np.asarray(out)
 
 

@@ -14,16 +14,37 @@ rounding".
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 FEATURE_TRANSFORMS = ("clip", "normalize")
 SHRINK = 1.0 - 1e-6  # the one clipping margin of the project
 
 
+def check_bound(name: str, value) -> float:
+    """A clipping bound as a Python float, refused unless finite and > 0. Jitted kernels
+    take their bounds as traced arguments (one compiled program serves every bound), so
+    the bound is checked here, on the host, before it enters them."""
+    bound = float(value)
+    if not 0 < bound < float("inf"):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return bound
+
+
+def _target(bound) -> jnp.ndarray:
+    """B' = B * SHRINK as float32. A Python number is multiplied on the host; a traced
+    bound (a float32 argument of a jitted kernel) in float32, which can differ from the
+    host product by an ulp: B' <= B (1 + 2^-24)^2 SHRINK < B (1 - 9e-7) either way, so the
+    bound still holds with room for the rounding of the scaling itself."""
+    if isinstance(bound, jax.core.Tracer):
+        return jnp.asarray(bound, jnp.float32) * jnp.float32(SHRINK)
+    return jnp.float32(bound * SHRINK)
+
+
 def clip_factors(norms: jnp.ndarray, bound: float) -> jnp.ndarray:
     """min(1, B' / norm) per entry (B' = B * SHRINK): multiplying a vector of norm
     `norms` by it leaves a norm <= B. Zero norms get factor 1."""
-    target = jnp.float32(bound * SHRINK)
+    target = _target(bound)
     return jnp.where(norms > target, target / jnp.where(norms > 0, norms, 1.0), 1.0)
 
 
@@ -41,8 +62,8 @@ def bound_rows(x: jnp.ndarray, l2_clip_norm: float, transform: str = "clip") -> 
     transform="normalize": every nonzero row is scaled to norm C (all-zero
         rows stay zero). A public per-example map, so it costs no privacy.
     """
-    if not l2_clip_norm > 0:
-        raise ValueError(f"l2_clip_norm must be > 0, got {l2_clip_norm!r}")
+    if not isinstance(l2_clip_norm, jax.core.Tracer):  # a traced C: see check_bound
+        check_bound("l2_clip_norm", l2_clip_norm)
     if transform not in FEATURE_TRANSFORMS:
         raise ValueError(
             f"feature transform {transform!r} unknown; use one of {FEATURE_TRANSFORMS}"
@@ -53,6 +74,6 @@ def bound_rows(x: jnp.ndarray, l2_clip_norm: float, transform: str = "clip") -> 
         # A row whose squared norm underflows to 0 has true norm < 1e-19 <= C: keep it.
         scale = clip_factors(norms, l2_clip_norm)
     else:
-        target = jnp.float32(l2_clip_norm * SHRINK)
+        target = _target(l2_clip_norm)
         scale = jnp.where(norms > 0, target / jnp.where(norms > 0, norms, 1.0), 0.0)
     return x * scale

@@ -74,3 +74,30 @@ def test_clip_keeps_rows_whose_norm_underflows():
     """Found by hypothesis: ||x||^2 underflows to 0 in float32 for x ~ 2e-29."""
     x = np.full((1, 2), 1.9898773e-29, np.float32)
     np.testing.assert_array_equal(np.asarray(bound_rows(x, 0.5, "clip")), x)
+
+
+def test_one_compiled_program_serves_every_bound():
+    """The bounds are traced arguments of the jitted kernels: a new C (a new candidate of a
+    sweep, a new hypothesis example) compiles nothing, and the bound is still checked."""
+    import jax.monitoring
+
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    x = np.full((4, 3), 2.0, np.float32)
+    y, mask = np.zeros(4, np.int32), np.ones(4, np.float32)
+    _chunk_stats(x, y, mask, num_classes=2, l2_clip_norm=1.0, transform="clip")  # compiled
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for c in (0.5, 3.25):
+            a, _, _ = _chunk_stats(x, y, mask, num_classes=2, l2_clip_norm=c, transform="clip")
+            assert np.trace(np.asarray(a)) <= 4 * c**2
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="l2_clip_norm"):
+            _chunk_stats(x, y, mask, num_classes=2, l2_clip_norm=bad, transform="clip")
