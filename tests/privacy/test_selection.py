@@ -151,9 +151,9 @@ def test_number_of_trials_follows_the_declared_law(law, shape, mean):
 
 def test_repeat_and_select_cost_does_not_grow_with_the_grid():
     """With the same mean number of trials, the noise of every trial is the same for
-    G = 3, 10 and 30 candidates; composition's grows like sqrt(G)."""
+    G = 3 and 30 candidates; composition's grows like sqrt(G)."""
     factors, joint = [], []
-    for g in (3, 10, 30):
+    for g in (3, 30):
         heads = [make_head("dp_ls", {"ridge_noise_factor": 0.1 * (i + 1)}) for i in range(g)]
         rs = tn.calibrate_repeat_and_select(
             heads, epsilon=1.0, delta=1e-5, num_examples=50_000, mean=10.0, shape=1.0
@@ -167,7 +167,7 @@ def test_repeat_and_select_cost_does_not_grow_with_the_grid():
             .noise_multiplier
         )
     assert max(factors) / min(factors) < 1.01
-    assert joint[2] > 2.5 * joint[0] and factors[2] < joint[2] / 2
+    assert joint[1] > 2.5 * joint[0] and factors[1] < joint[1] / 2
 
 
 def test_repeat_and_select_refuses_grids_that_change_a_sampled_event():
