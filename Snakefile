@@ -7,8 +7,14 @@ import os
 from snakemake.utils import min_version, validate
 
 from pipeline_lib.experiments import CONFIG_SCHEMA_NAME, schema_path, validate_config
+from pipeline_lib.threads import limit_blas_threads
 
 min_version("9.0")
+
+# Several `run:` jobs (head fits) run at once in this process: one BLAS thread each, or their
+# OpenBLAS pools fight (pipeline_lib/threads.py; a DP-Newton fit was 10x slower). Script jobs
+# (extraction, reports) inherit the setting; their heavy work runs in XLA.
+limit_blas_threads(1)
 
 
 configfile: "config/config.yaml"

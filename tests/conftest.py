@@ -30,6 +30,11 @@ if importlib.util.find_spec("filelock") is not None:
 
 
 def pytest_configure(config):
+    # Workers run side by side (one more than there are cores): one BLAS thread each, set
+    # before the workers and subprocesses start (pipeline_lib/threads.py says why).
+    from pipeline_lib.threads import limit_blas_threads
+
+    limit_blas_threads(1)
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the xdist controller, or a plain run
         cache = tempfile.mkdtemp(prefix="pytest-jax-cache-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
