@@ -31,11 +31,10 @@ def test_shard_index_checked():
         fs.shard_chunks(10, 3, 3)
 
 
-@pytest.fixture(scope="module")
-def unsharded(fmnist_300, tmp_path_factory):
-    path = tmp_path_factory.mktemp("unsharded") / "train.zarr"
-    stats = extract.extract_to_store(
-        fmnist_300,
+def _extract_unsharded(source, path) -> dict:
+    """Lite0 at 32 px in one process, as every store here is compared against."""
+    return extract.extract_to_store(
+        source,
         backbone_name="efficientnet_lite0",
         out_path=path,
         image_size=32,
@@ -43,6 +42,12 @@ def unsharded(fmnist_300, tmp_path_factory):
         chunk_rows=ROWS,
         progress=False,
     )
+
+
+@pytest.fixture(scope="module")
+def unsharded(fmnist_300, tmp_path_factory):
+    path = tmp_path_factory.mktemp("unsharded") / "train.zarr"
+    stats = _extract_unsharded(fmnist_300, path)
     assert stats["chunks_done"] == 10
     return path
 
@@ -256,16 +261,7 @@ def test_a_second_extraction_reuses_the_compiled_program(
     """The process keeps its compiled forward passes (extract._COMPILED): extracting the same
     backbone at the same batch shape again compiles nothing and gives the same bytes."""
     path = tmp_path / "again.zarr"
-    run = lambda: extract.extract_to_store(  # noqa: E731
-        fmnist_300,
-        backbone_name="efficientnet_lite0",
-        out_path=path,
-        image_size=32,
-        batch_size=BATCH,
-        chunk_rows=ROWS,
-        progress=False,
-    )
-    stats, compiles = _backend_compiles(run)
+    stats, compiles = _backend_compiles(lambda: _extract_unsharded(fmnist_300, path))
     assert stats["chunks_done"] == 10
     assert compiles == 0
     assert_same_store(unsharded, path)
